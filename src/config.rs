@@ -1,0 +1,574 @@
+//! Settings: the file named on the command line (or `config/default.toml`) plus
+//! `REGATTA__SECTION__KEY` environment overrides, deserialized into typed structs and
+//! validated once at boot. Every problem names its key and the reason.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where the default configuration lives when no file is named.
+pub const DEFAULT_CONFIG: &str = "config/default.toml";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    #[serde(default)]
+    pub store: StoreSettings,
+    #[serde(default)]
+    pub upstream: UpstreamSettings,
+    #[serde(default)]
+    pub cache: CacheSettings,
+    #[serde(default)]
+    pub log: LogSettings,
+    #[serde(default)]
+    pub backends: Vec<BackendSettings>,
+    #[serde(default)]
+    pub orgs: Vec<OrgSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address of the registry API listener, `host:port`; port 0 picks a free port.
+    pub listen: String,
+    /// Region this node runs in; placement prefers backends of the same region.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Worker threads; defaults to the number of cores.
+    #[serde(default)]
+    pub workers: Option<usize>,
+}
+
+/// Which store holds shared state (tag cache, digest holders, detected delivery modes).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StoreSettings {
+    /// In-process store: a single node, nothing shared, nothing kept across restarts.
+    #[default]
+    Memory,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamSettings {
+    /// Time allowed to open a connection to a backend.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed for a backend to answer with a response head.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        UpstreamSettings {
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// Bytes of manifests kept in memory (manifests by digest are immutable).
+    pub manifest_bytes: u64,
+    /// How long "backend B holds digest D" is remembered.
+    #[serde(with = "humantime_serde")]
+    pub holder_ttl: Duration,
+    /// How long "backend B lacks digest D" is remembered; short, since pushes land later.
+    #[serde(with = "humantime_serde")]
+    pub lacks_ttl: Duration,
+    /// Longest time a backend's pre-signed blob URL is reused; shorter when the URL says
+    /// it expires sooner.
+    #[serde(with = "humantime_serde")]
+    pub resolve_ttl: Duration,
+    /// How long the last known digest of a tag is kept to serve (marked stale) when the
+    /// org's tag authority is down.
+    #[serde(with = "humantime_serde")]
+    pub stale_tag_ttl: Duration,
+    /// How long a backend that failed to answer (connection refused, timeout) is passed
+    /// over before it is tried again.
+    #[serde(with = "humantime_serde")]
+    pub failure_backoff: Duration,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            manifest_bytes: 64 * 1024 * 1024,
+            holder_ttl: Duration::from_secs(24 * 3600),
+            lacks_ttl: Duration::from_secs(30),
+            resolve_ttl: Duration::from_secs(300),
+            stale_tag_ttl: Duration::from_secs(7 * 24 * 3600),
+            failure_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `json` (one object per line) or `pretty`.
+    pub format: LogFormat,
+    /// A tracing filter directive, e.g. `info,regatta=debug`; `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Json,
+            filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSettings {
+    /// Short name used in org policies, headers, metrics and logs.
+    pub id: String,
+    /// Base URL of the registry, e.g. `https://registry-1.docker.io`.
+    pub url: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// How blobs reach clients: `auto`, `direct`, `resolve` or `proxy`.
+    #[serde(default)]
+    pub delivery: Delivery,
+    /// Credentials for the backend: Basic, or the account for its token service.
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A static bearer token sent as is (no token service round trip).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Preference among otherwise equal backends; 0 means "only when nothing else can".
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+/// How a blob GET reaches the bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Delivery {
+    /// Detected from the backend's `/v2/` and first blob answers.
+    #[default]
+    Auto,
+    /// 307 to the backend's own blob URL; the backend must allow anonymous reads.
+    Direct,
+    /// The gateway asks the backend (with its credentials) and 307s the client to the
+    /// pre-signed URL the backend redirects to.
+    Resolve,
+    /// The gateway streams the blob through itself.
+    Proxy,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Auto => "auto",
+            Delivery::Direct => "direct",
+            Delivery::Resolve => "resolve",
+            Delivery::Proxy => "proxy",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgSettings {
+    /// The first path component this org serves: `acme` serves `acme/*`.
+    pub name: String,
+    /// Backend ids in order; the first that answers is the tag authority.
+    pub backends: Vec<String>,
+    /// How long a tag's digest is trusted before asking the authority again.
+    #[serde(default = "default_tag_ttl", with = "humantime_serde")]
+    pub tag_ttl: Duration,
+    /// Per backend, the path that replaces the org name: `{ mirror = "acme-images" }` makes
+    /// `acme/app` into `acme-images/app` on backend `mirror`.
+    #[serde(default)]
+    pub prefixes: BTreeMap<String, String>,
+}
+
+fn default_region() -> String {
+    "default".into()
+}
+fn default_weight() -> u32 {
+    100
+}
+fn default_tag_ttl() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// One problem in a configuration: the key and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(String),
+    #[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+impl Settings {
+    /// Reads `file` (or `config/default.toml` when it exists and no file is named), applies
+    /// `REGATTA__*` overrides from `env`, and validates the result.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder();
+        match file {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(ConfigError::Load(format!(
+                        "{}: no such file",
+                        path.display()
+                    )));
+                }
+                builder = builder.add_source(config::File::from(path).required(true));
+            }
+            None => {
+                builder =
+                    builder.add_source(config::File::with_name(DEFAULT_CONFIG).required(false))
+            }
+        }
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("REGATTA__"))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("REGATTA")
+                .prefix_separator("__")
+                .separator("__")
+                .source(Some(env)),
+        );
+        let raw = builder
+            .build()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        let settings: Settings = raw
+            .try_deserialize()
+            .map_err(|e| ConfigError::Invalid(vec![problem_from_serde(&e)]))?;
+        let problems = settings.problems();
+        if problems.is_empty() {
+            Ok(settings)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.server
+            .listen
+            .parse()
+            .expect("validated in Settings::problems")
+    }
+
+    /// Every semantic problem in the settings; empty when they are usable.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut problem = |key: String, reason: String| out.push(Problem { key, reason });
+
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            problem(
+                "server.listen".into(),
+                format!(
+                    "'{}' is not an address like 127.0.0.1:5000",
+                    self.server.listen
+                ),
+            );
+        }
+        if self.server.workers == Some(0) {
+            problem("server.workers".into(), "must be at least 1".into());
+        }
+        if self.cache.manifest_bytes < 64 * 1024 {
+            problem(
+                "cache.manifest_bytes".into(),
+                "must be at least 65536".into(),
+            );
+        }
+
+        let mut ids = std::collections::HashSet::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let key = |field: &str| format!("backends[{i}].{field}");
+            if !is_identifier(&b.id) {
+                problem(key("id"), format!("'{}' must be [a-z0-9_-]+", b.id));
+            } else if !ids.insert(b.id.as_str()) {
+                problem(
+                    key("id"),
+                    format!("'{}' is used by an earlier backend", b.id),
+                );
+            }
+            match url::Url::parse(&b.url) {
+                Ok(u) if !matches!(u.scheme(), "http" | "https") => problem(
+                    key("url"),
+                    format!("scheme '{}' is not http or https", u.scheme()),
+                ),
+                Ok(u) if u.query().is_some() || u.fragment().is_some() => {
+                    problem(key("url"), "must not carry a query or fragment".into())
+                }
+                Ok(u) if u.path() != "/" => problem(
+                    key("url"),
+                    "must be the registry's root (the part before /v2/)".into(),
+                ),
+                Ok(_) => {}
+                Err(e) => problem(key("url"), format!("'{}' is not a URL: {e}", b.url)),
+            }
+            if b.username.is_some() != b.password.is_some() {
+                problem(key("password"), "username and password go together".into());
+            }
+            if b.token.is_some() && b.username.is_some() {
+                problem(key("token"), "set either token or username/password".into());
+            }
+            if b.delivery == Delivery::Direct && (b.username.is_some() || b.token.is_some()) {
+                problem(
+                    key("delivery"),
+                    "direct sends clients to the backend without credentials; \
+                     a backend that needs credentials wants resolve or proxy"
+                        .into(),
+                );
+            }
+            if !is_identifier(&b.region) {
+                problem(key("region"), format!("'{}' must be [a-z0-9_-]+", b.region));
+            }
+        }
+
+        let mut names = std::collections::HashSet::new();
+        for (i, org) in self.orgs.iter().enumerate() {
+            let key = |field: &str| format!("orgs[{i}].{field}");
+            if crate::oci::RepoName::parse(&format!("{}/x", org.name)).is_err()
+                || org.name.contains('/')
+            {
+                problem(
+                    key("name"),
+                    format!("'{}' is not a repository name component", org.name),
+                );
+            } else if !names.insert(org.name.as_str()) {
+                problem(
+                    key("name"),
+                    format!("'{}' is used by an earlier org", org.name),
+                );
+            }
+            if org.backends.is_empty() {
+                problem(key("backends"), "needs at least one backend".into());
+            }
+            for (j, id) in org.backends.iter().enumerate() {
+                if !self.backends.iter().any(|b| &b.id == id) {
+                    problem(
+                        format!("orgs[{i}].backends[{j}]"),
+                        format!("no backend has id '{id}'"),
+                    );
+                }
+                if org.backends[..j].contains(id) {
+                    problem(
+                        format!("orgs[{i}].backends[{j}]"),
+                        format!("'{id}' is listed twice"),
+                    );
+                }
+            }
+            for (backend, prefix) in &org.prefixes {
+                let key = format!("orgs[{i}].prefixes.{backend}");
+                if !org.backends.contains(backend) {
+                    problem(
+                        key.clone(),
+                        format!("'{backend}' is not one of this org's backends"),
+                    );
+                }
+                if crate::oci::RepoName::parse(&format!("{prefix}/x")).is_err() {
+                    problem(key, format!("'{prefix}' is not a repository path"));
+                }
+            }
+        }
+        out
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// The config crate reports deserialization errors as text with the key in it; keep the
+/// key separate when it can be found so the report reads like the others.
+fn problem_from_serde(e: &config::ConfigError) -> Problem {
+    let text = e.to_string();
+    if let Some((reason, rest)) = text.split_once(" for key `") {
+        if let Some((key, _)) = rest.split_once('`') {
+            return Problem {
+                key: key.to_owned(),
+                reason: reason.to_owned(),
+            };
+        }
+    }
+    Problem {
+        key: "(file)".into(),
+        reason: text,
+    }
+}
+
+/// Serde helpers for durations written as `30s`, `5m`, `24h`.
+mod humantime_serde {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!("'{s}' is not a duration like 30s or 5m: {e}"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("regatta.toml");
+        std::fs::write(&path, toml).unwrap();
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Settings::load(Some(&path), env)
+    }
+
+    const GOOD: &str = r#"
+        [server]
+        listen = "127.0.0.1:0"
+        region = "eu"
+        [[backends]]
+        id = "hub"
+        url = "http://127.0.0.1:5001"
+        region = "eu"
+        delivery = "resolve"
+        username = "alice"
+        password = "secret"
+        [[backends]]
+        id = "mirror"
+        url = "http://127.0.0.1:5002"
+        [[orgs]]
+        name = "acme"
+        backends = ["hub", "mirror"]
+        tag_ttl = "30s"
+        [orgs.prefixes]
+        mirror = "acme-images"
+    "#;
+
+    #[test]
+    fn loads_a_good_file() {
+        let s = load_str(GOOD, &[]).unwrap();
+        assert_eq!(s.backends[0].delivery, Delivery::Resolve);
+        assert_eq!(s.backends[1].delivery, Delivery::Auto);
+        assert_eq!(s.orgs[0].tag_ttl, Duration::from_secs(30));
+        assert_eq!(s.orgs[0].prefixes["mirror"], "acme-images");
+        assert_eq!(s.cache.lacks_ttl, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let s = load_str(
+            GOOD,
+            &[
+                ("REGATTA__SERVER__REGION", "us"),
+                ("REGATTA__CACHE__LACKS_TTL", "5s"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.server.region, "us");
+        assert_eq!(s.cache.lacks_ttl, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn names_every_problem_with_its_key() {
+        let bad = r#"
+            [server]
+            listen = "nowhere"
+            [[backends]]
+            id = "hub"
+            url = "ftp://x"
+            username = "alice"
+            [[backends]]
+            id = "hub"
+            url = "http://127.0.0.1:1/v2/"
+            [[orgs]]
+            name = "Acme"
+            backends = ["hub", "ghost"]
+            [orgs.prefixes]
+            other = "x"
+        "#;
+        let ConfigError::Invalid(problems) = load_str(bad, &[]).unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for want in [
+            "server.listen",
+            "backends[0].url",
+            "backends[0].password",
+            "backends[1].id",
+            "backends[1].url",
+            "orgs[0].name",
+            "orgs[0].backends[1]",
+            "orgs[0].prefixes.other",
+        ] {
+            assert!(keys.contains(&want), "missing {want} in {problems:?}");
+        }
+    }
+
+    #[test]
+    fn type_errors_name_the_key() {
+        let bad = GOOD.replace("delivery = \"resolve\"", "delivery = \"teleport\"");
+        let err = load_str(&bad, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("delivery") && err.contains("teleport"),
+            "{err}"
+        );
+        let bad = GOOD.replace("tag_ttl = \"30s\"", "tag_ttl = \"soon\"");
+        let err = load_str(&bad, &[]).unwrap_err().to_string();
+        assert!(err.contains("tag_ttl") && err.contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn shipped_configs_are_valid() {
+        for file in ["config/default.toml", "config/example.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            if let Err(e) = Settings::load(Some(&path), []) {
+                panic!("{file}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn missing_file_is_reported() {
+        let err = Settings::load(Some(Path::new("/nonexistent/regatta.toml")), []).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/regatta.toml"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,435 @@
+//! Blobs: the client is sent to the bytes, never given them by the gateway unless a
+//! backend leaves no other way. Per backend: `direct` (307 to the backend's own URL),
+//! `resolve` (307 to the pre-signed URL the backend redirects the gateway to), `proxy`
+//! (streamed through), or `auto` (detected once from the backend's answers).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix_web::body::SizedStream;
+use actix_web::http::header;
+use actix_web::http::{Method, StatusCode};
+use actix_web::{HttpRequest, HttpResponse};
+use bytes::Bytes;
+
+use super::knowledge::Detected;
+use super::manifests::DIGEST_HEADER;
+use super::{Gateway, BACKEND_HEADER};
+use crate::api_error::ApiError;
+use crate::config::Delivery;
+use crate::oci::{Digest, RepoName};
+use crate::placement::Holding;
+use crate::topology::{Backend, BackendIdx, Credentials, Org};
+use crate::upstream::{header_str, Call, Response, Upstream};
+
+pub async fn serve(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    name: &RepoName,
+    digest: &Digest,
+    head: bool,
+) -> Result<HttpResponse, ApiError> {
+    let org = gw.org(name)?;
+    let mut candidates = gw.candidates(org, name, digest).await;
+    if candidates.first().is_none_or(|c| c.holding != Holding::Has) {
+        probe(gw, up, org, name, digest, &candidates).await;
+        candidates = gw.candidates(org, name, digest).await;
+    }
+    let holders: Vec<BackendIdx> = candidates
+        .iter()
+        .filter(|c| c.holding == Holding::Has)
+        .map(|c| c.backend)
+        .collect();
+    if holders.is_empty() {
+        let unknown = ApiError::BlobUnknown(format!("{name}@{digest}"));
+        return Err(gw.none_serves(org, name, digest, unknown).await);
+    }
+    let mut last_failure = String::new();
+    for &b in &holders {
+        let outcome = if head {
+            head_blob(gw, up, org, b, name, digest).await
+        } else {
+            deliver(gw, up, req, org, b, name, digest).await
+        };
+        match outcome {
+            Ok(response) => return Ok(response),
+            Err(Failure::Missing) => {
+                gw.knowledge.learn(name, digest, b, Holding::Lacks).await;
+            }
+            Err(Failure::Broken(reason)) => {
+                tracing::warn!(backend = gw.backend_id(b), %name, %digest, %reason, "blob delivery failed; trying the next holder");
+                last_failure = reason;
+            }
+        }
+    }
+    tracing::debug!(%last_failure, "no holder could deliver");
+    let unknown = ApiError::BlobUnknown(format!("{name}@{digest}"));
+    Err(gw.none_serves(org, name, digest, unknown).await)
+}
+
+enum Failure {
+    /// The backend says it does not have the blob.
+    Missing,
+    /// The backend failed to answer usefully.
+    Broken(String),
+}
+
+/// Asks every backend whose holding is unknown, in parallel, with a HEAD.
+async fn probe(
+    gw: &Gateway,
+    up: &Upstream,
+    org: &Org,
+    name: &RepoName,
+    digest: &Digest,
+    candidates: &[crate::placement::Candidate],
+) {
+    let probes = candidates
+        .iter()
+        .filter(|c| c.holding == Holding::Unknown)
+        .map(|c| async move {
+            let backend = gw.topology.backend(c.backend);
+            let repo = org.backend_repo(c.backend, name);
+            let call = Call::new(
+                Method::HEAD,
+                format!("/v2/{repo}/blobs/{digest}"),
+                Some(&repo),
+            );
+            (c.backend, gw.send(up, backend, &call).await)
+        });
+    for (b, answer) in futures_util::future::join_all(probes).await {
+        let holding = match &answer {
+            Ok(r) if r.status().is_success() || r.status().is_redirection() => {
+                if r.status().is_success() {
+                    if let Some(size) = content_length(r) {
+                        gw.knowledge.learn_size(digest, size);
+                    }
+                }
+                Holding::Has
+            }
+            Ok(r) if r.status() == StatusCode::NOT_FOUND => Holding::Lacks,
+            Ok(r) => {
+                tracing::warn!(backend = gw.backend_id(b), status = %r.status(), "blob probe failed");
+                Holding::Unknown
+            }
+            Err(e) => {
+                tracing::warn!(backend = gw.backend_id(b), error = %e, "blob probe failed");
+                Holding::Unknown
+            }
+        };
+        gw.knowledge.learn(name, digest, b, holding).await;
+    }
+}
+
+fn content_length(r: &Response) -> Option<u64> {
+    header_str(r.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse().ok())
+}
+
+/// Blob HEAD, answered from the known size: pre-signed URLs are bound to GET, so they are
+/// never touched for a HEAD.
+async fn head_blob(
+    gw: &Gateway,
+    up: &Upstream,
+    org: &Org,
+    b: BackendIdx,
+    name: &RepoName,
+    digest: &Digest,
+) -> Result<HttpResponse, Failure> {
+    let size = match gw.knowledge.blob_size(digest) {
+        Some(size) => size,
+        None => {
+            let size = size_from_backend(gw, up, org, b, name, digest).await?;
+            gw.knowledge.learn_size(digest, size);
+            size
+        }
+    };
+    let empty = futures_util::stream::empty::<Result<Bytes, std::io::Error>>();
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "application/octet-stream"))
+        .insert_header((DIGEST_HEADER, digest.as_str()))
+        .insert_header((BACKEND_HEADER, gw.backend_id(b)))
+        .insert_header((header::ACCEPT_RANGES, "bytes"))
+        .body(SizedStream::new(size, empty)))
+}
+
+async fn size_from_backend(
+    gw: &Gateway,
+    up: &Upstream,
+    org: &Org,
+    b: BackendIdx,
+    name: &RepoName,
+    digest: &Digest,
+) -> Result<u64, Failure> {
+    let backend = gw.topology.backend(b);
+    let repo = org.backend_repo(b, name);
+    let call = Call::new(
+        Method::HEAD,
+        format!("/v2/{repo}/blobs/{digest}"),
+        Some(&repo),
+    );
+    let response = gw
+        .send(up, backend, &call)
+        .await
+        .map_err(|e| Failure::Broken(e.to_string()))?;
+    let status = response.status();
+    if status == StatusCode::NOT_FOUND {
+        return Err(Failure::Missing);
+    }
+    if status.is_success() {
+        return content_length(&response)
+            .ok_or_else(|| Failure::Broken("HEAD without Content-Length".into()));
+    }
+    if status.is_redirection() {
+        // The size is behind the redirect: ask for one byte and read the total.
+        let location = location(backend, &response)?;
+        let mut ranged = up
+            .get_absolute(&location)
+            .insert_header((header::RANGE, "bytes=0-0"))
+            .send()
+            .await
+            .map_err(|e| Failure::Broken(e.to_string()))?;
+        let total = header_str(ranged.headers(), header::CONTENT_RANGE)
+            .and_then(|v| v.rsplit_once('/'))
+            .and_then(|(_, total)| total.parse().ok())
+            .or_else(|| {
+                (ranged.status() == StatusCode::OK)
+                    .then(|| content_length(&ranged))
+                    .flatten()
+            });
+        let _ = ranged.body().limit(1).await;
+        return total.ok_or_else(|| Failure::Broken("redirect target gave no size".into()));
+    }
+    Err(Failure::Broken(format!("HEAD answered {status}")))
+}
+
+/// Sends the client to the blob on backend `b`, by that backend's delivery mode.
+async fn deliver(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    org: &Org,
+    b: BackendIdx,
+    name: &RepoName,
+    digest: &Digest,
+) -> Result<HttpResponse, Failure> {
+    let backend = gw.topology.backend(b);
+    let repo = org.backend_repo(b, name);
+    let delivery = match gw.knowledge.delivery(backend.delivery, b) {
+        Some(d) => d,
+        None => match detect(gw, up, backend).await? {
+            Detected::Anonymous => Delivery::Direct,
+            // Needs credentials: the blob answer itself says resolve or proxy.
+            _ => Delivery::Auto,
+        },
+    };
+    match delivery {
+        Delivery::Direct => Ok(redirect(
+            &format!("{}/v2/{repo}/blobs/{digest}", backend.base),
+            backend,
+        )),
+        Delivery::Resolve => {
+            if let Some(url) = gw.knowledge.resolved(b, digest) {
+                return Ok(redirect(&url, backend));
+            }
+            fetch_blob(gw, up, req, backend, &repo, digest).await
+        }
+        Delivery::Proxy | Delivery::Auto => fetch_blob(gw, up, req, backend, &repo, digest).await,
+    }
+}
+
+/// Detects how an `auto` backend must be reached: anonymous reads (direct), or credentials.
+async fn detect(gw: &Gateway, up: &Upstream, backend: &Backend) -> Result<Detected, Failure> {
+    if backend.credentials != Credentials::Anonymous {
+        gw.knowledge
+            .learn_detected(backend.idx, Detected::NeedsAuth);
+        return Ok(Detected::NeedsAuth);
+    }
+    let call = Call::new(Method::GET, "/v2/".into(), None);
+    let response = up
+        .send_anonymous(backend, &call)
+        .await
+        .map_err(|e| Failure::Broken(e.to_string()))?;
+    let detected = match response.status() {
+        StatusCode::OK => Detected::Anonymous,
+        StatusCode::UNAUTHORIZED => Detected::NeedsAuth,
+        other => return Err(Failure::Broken(format!("/v2/ answered {other}"))),
+    };
+    tracing::info!(backend = &*backend.id, ?detected, "detected backend access");
+    gw.knowledge.learn_detected(backend.idx, detected);
+    Ok(detected)
+}
+
+/// GETs the blob with the gateway's credentials, without following a redirect: a redirect
+/// is a pre-signed URL to send the client to; a 200 is streamed through.
+async fn fetch_blob(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    backend: &Backend,
+    repo: &str,
+    digest: &Digest,
+) -> Result<HttpResponse, Failure> {
+    let mut call = Call::new(
+        Method::GET,
+        format!("/v2/{repo}/blobs/{digest}"),
+        Some(repo),
+    );
+    call.raw = true;
+    if let Some(range) = req.headers().get(header::RANGE) {
+        call = call.header(header::RANGE, range.clone());
+    }
+    let response = gw
+        .send(up, backend, &call)
+        .await
+        .map_err(|e| Failure::Broken(e.to_string()))?;
+    let status = response.status();
+    let auto = backend.delivery == Delivery::Auto;
+    if status.is_redirection() {
+        let url: Arc<str> = location(backend, &response)?.into();
+        if let Some(good_for) = presigned_lifetime(&url, gw.cache.resolve_ttl, SystemTime::now()) {
+            gw.knowledge
+                .learn_resolved(backend.idx, digest, url.clone(), good_for);
+        }
+        if auto {
+            gw.knowledge.learn_detected(backend.idx, Detected::Resolve);
+        }
+        return Ok(redirect(&url, backend));
+    }
+    if status == StatusCode::NOT_FOUND {
+        return Err(Failure::Missing);
+    }
+    if status != StatusCode::OK && status != StatusCode::PARTIAL_CONTENT {
+        return Err(Failure::Broken(format!("blob GET answered {status}")));
+    }
+    if auto {
+        gw.knowledge.learn_detected(backend.idx, Detected::Proxy);
+    }
+    Ok(stream(response, backend, digest))
+}
+
+fn stream(response: Response, backend: &Backend, digest: &Digest) -> HttpResponse {
+    let mut out = HttpResponse::build(response.status());
+    for name in [
+        header::CONTENT_TYPE,
+        header::CONTENT_RANGE,
+        header::ACCEPT_RANGES,
+        header::ETAG,
+    ] {
+        if let Some(v) = response.headers().get(&name) {
+            out.insert_header((name, v.clone()));
+        }
+    }
+    out.insert_header((DIGEST_HEADER, digest.as_str()))
+        .insert_header((BACKEND_HEADER, &*backend.id));
+    if let Some(len) = content_length(&response) {
+        out.no_chunking(len);
+    }
+    out.streaming(response)
+}
+
+fn redirect(url: &str, backend: &Backend) -> HttpResponse {
+    HttpResponse::TemporaryRedirect()
+        .insert_header((header::LOCATION, url))
+        .insert_header((BACKEND_HEADER, &*backend.id))
+        .finish()
+}
+
+/// The absolute URL a backend redirected to.
+fn location(backend: &Backend, response: &Response) -> Result<String, Failure> {
+    let raw = header_str(response.headers(), header::LOCATION)
+        .ok_or_else(|| Failure::Broken("redirect without Location".into()))?;
+    let base = url::Url::parse(&format!("{}/", backend.base))
+        .map_err(|e| Failure::Broken(e.to_string()))?;
+    base.join(raw)
+        .map(String::from)
+        .map_err(|e| Failure::Broken(format!("bad Location '{raw}': {e}")))
+}
+
+/// How long a pre-signed URL may be handed out: `cap`, or less when the URL says it
+/// expires sooner (S3 `X-Amz-Date` + `X-Amz-Expires`, CloudFront/GCS `Expires`). Half of
+/// the remaining lifetime is kept in reserve for the client's own fetch. `None`: don't cache.
+pub fn presigned_lifetime(url: &str, cap: Duration, now: SystemTime) -> Option<Duration> {
+    let parsed = url::Url::parse(url).ok()?;
+    let now_s = now.duration_since(UNIX_EPOCH).ok()?.as_secs();
+    let mut remaining: Option<u64> = None;
+    let mut amz_date = None;
+    let mut amz_expires = None;
+    for (k, v) in parsed.query_pairs() {
+        match k.to_ascii_lowercase().as_str() {
+            "x-amz-date" => amz_date = parse_amz_date(&v),
+            "x-amz-expires" => amz_expires = v.parse::<u64>().ok(),
+            "expires" => remaining = v.parse::<u64>().ok().map(|at| at.saturating_sub(now_s)),
+            _ => {}
+        }
+    }
+    if let (Some(signed), Some(expires)) = (amz_date, amz_expires) {
+        remaining = Some((signed + expires).saturating_sub(now_s));
+    }
+    let good_for = match remaining {
+        Some(secs) => Duration::from_secs(secs / 2).min(cap),
+        None => cap,
+    };
+    (good_for >= Duration::from_secs(1)).then_some(good_for)
+}
+
+/// `20240102T030405Z` as Unix seconds.
+fn parse_amz_date(s: &str) -> Option<u64> {
+    if s.len() != 16 || !s.ends_with('Z') || s.as_bytes()[8] != b'T' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<u64>().ok();
+    let (y, m, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
+    let (hh, mm, ss) = (num(9..11)?, num(11..13)?, num(13..15)?);
+    Some(days_from_civil(y as i64, m, d)? * 86_400 + hh * 3600 + mm * 60 + ss)
+}
+
+/// Days since 1970-01-01 for a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: u64, d: u64) -> Option<u64> {
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m as i64 + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    u64::try_from(era * 146_097 + doe - 719_468).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presigned_lifetimes() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let cap = Duration::from_secs(300);
+        assert_eq!(presigned_lifetime("http://cdn/x", cap, now), Some(cap));
+        let expires = format!("http://cdn/x?Expires={}", 1_700_000_000 + 120);
+        assert_eq!(
+            presigned_lifetime(&expires, cap, now),
+            Some(Duration::from_secs(60))
+        );
+        let past = format!("http://cdn/x?Expires={}", 1_700_000_000 - 5);
+        assert_eq!(presigned_lifetime(&past, cap, now), None);
+        // 2023-11-14T22:13:20Z is 1_700_000_000.
+        let s3 = "http://s3/x?X-Amz-Date=20231114T221320Z&X-Amz-Expires=1200";
+        assert_eq!(
+            presigned_lifetime(s3, cap, now),
+            Some(Duration::from_secs(300))
+        );
+        let s3_short = "http://s3/x?X-Amz-Date=20231114T221320Z&X-Amz-Expires=60";
+        assert_eq!(
+            presigned_lifetime(s3_short, cap, now),
+            Some(Duration::from_secs(30))
+        );
+    }
+
+    #[test]
+    fn amz_dates() {
+        assert_eq!(parse_amz_date("19700101T000000Z"), Some(0));
+        assert_eq!(parse_amz_date("20231114T221320Z"), Some(1_700_000_000));
+        assert_eq!(parse_amz_date("2023-11-14"), None);
+    }
+}

@@ -1,0 +1,309 @@
+//! What a node has learned about backends and content: who holds which digest, what each
+//! tag pointed at, manifests by digest, blob sizes, pre-signed URLs and detected delivery
+//! modes. Local caches sit in front of the shared store; the store is asked only on a local
+//! miss, and told whenever something new is learned.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use moka::sync::Cache;
+
+use crate::config::{CacheSettings, Delivery};
+use crate::oci::{Digest, RepoName, Tag};
+use crate::placement::Holding;
+use crate::store::{unix_ms, Store, TagRecord};
+use crate::topology::{BackendIdx, Org};
+
+/// A manifest as the backend sent it, verified against its digest.
+#[derive(Debug)]
+pub struct Manifest {
+    pub digest: Digest,
+    pub media_type: String,
+    pub bytes: Bytes,
+    /// Backend id that served it first.
+    pub backend: Arc<str>,
+}
+
+/// What delivery a backend in `auto` mode turned out to need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detected {
+    Unknown,
+    /// `/v2/` answered 200 without credentials.
+    Anonymous,
+    /// `/v2/` wants credentials; the first blob answer decides resolve or proxy.
+    NeedsAuth,
+    Resolve,
+    Proxy,
+}
+
+impl Detected {
+    fn to_u8(self) -> u8 {
+        self as u8
+    }
+    fn from_u8(v: u8) -> Detected {
+        match v {
+            1 => Detected::Anonymous,
+            2 => Detected::NeedsAuth,
+            3 => Detected::Resolve,
+            4 => Detected::Proxy,
+            _ => Detected::Unknown,
+        }
+    }
+}
+
+pub struct Knowledge {
+    store: Arc<dyn Store>,
+    holder_ttl: Duration,
+    lacks_ttl: Duration,
+    stale_tag_ttl: Duration,
+    holders: Cache<(RepoName, Digest, BackendIdx), (Holding, Instant)>,
+    tags: Cache<(RepoName, Tag), TagRecord>,
+    manifests: Cache<Digest, Arc<Manifest>>,
+    sizes: Cache<Digest, u64>,
+    resolved: Cache<(BackendIdx, Digest), (Arc<str>, Instant)>,
+    detected: Vec<AtomicU8>,
+    /// Per backend, until when (Unix ms) it counts as down after failing to answer.
+    down_until: Vec<AtomicU64>,
+    failure_backoff: Duration,
+    /// Backend ids by index: the store is keyed by the stable id, not the index (which
+    /// can differ between nodes' configurations).
+    ids: Vec<Arc<str>>,
+}
+
+impl Knowledge {
+    pub fn new(settings: &CacheSettings, ids: Vec<Arc<str>>, store: Arc<dyn Store>) -> Self {
+        Knowledge {
+            store,
+            holder_ttl: settings.holder_ttl,
+            lacks_ttl: settings.lacks_ttl,
+            stale_tag_ttl: settings.stale_tag_ttl,
+            holders: Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(settings.holder_ttl.max(settings.lacks_ttl))
+                .build(),
+            tags: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(settings.stale_tag_ttl)
+                .build(),
+            manifests: Cache::builder()
+                .max_capacity(settings.manifest_bytes)
+                .weigher(|_, m: &Arc<Manifest>| m.bytes.len().try_into().unwrap_or(u32::MAX))
+                .build(),
+            sizes: Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(settings.holder_ttl)
+                .build(),
+            resolved: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(settings.resolve_ttl)
+                .build(),
+            detected: ids.iter().map(|_| AtomicU8::new(0)).collect(),
+            down_until: ids.iter().map(|_| AtomicU64::new(0)).collect(),
+            failure_backoff: settings.failure_backoff,
+            ids,
+        }
+    }
+
+    /// For each of the org's backends (policy order), whether it holds `digest` in `name`.
+    pub async fn holdings(&self, org: &Org, name: &RepoName, digest: &Digest) -> Vec<Holding> {
+        let now = Instant::now();
+        let mut out = Vec::with_capacity(org.backends.len());
+        let mut missing = false;
+        for &b in &org.backends {
+            let local = self.holders.get(&(name.clone(), digest.clone(), b));
+            match local {
+                Some((holding, until)) if until > now => out.push(holding),
+                _ => {
+                    missing = true;
+                    out.push(Holding::Unknown);
+                }
+            }
+        }
+        if missing {
+            self.fill_from_store(org, name, digest, &mut out).await;
+        }
+        out
+    }
+
+    async fn fill_from_store(
+        &self,
+        org: &Org,
+        name: &RepoName,
+        digest: &Digest,
+        out: &mut [Holding],
+    ) {
+        let ids: Vec<&str> = org.backends.iter().map(|&b| &*self.ids[b]).collect();
+        match self.store.holdings(name, digest, &ids).await {
+            Ok(shared) => {
+                for ((slot, &b), holding) in out.iter_mut().zip(&org.backends).zip(shared) {
+                    if *slot == Holding::Unknown && holding != Holding::Unknown {
+                        *slot = holding;
+                        self.remember_locally(name, digest, b, holding);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "holder lookup in the store failed"),
+        }
+    }
+
+    fn remember_locally(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        backend: BackendIdx,
+        holding: Holding,
+    ) {
+        let ttl = self.ttl_for(holding);
+        self.holders.insert(
+            (name.clone(), digest.clone(), backend),
+            (holding, Instant::now() + ttl),
+        );
+    }
+
+    fn ttl_for(&self, holding: Holding) -> Duration {
+        match holding {
+            Holding::Lacks => self.lacks_ttl,
+            _ => self.holder_ttl,
+        }
+    }
+
+    /// Records what a probe or a served request showed, locally and in the shared store.
+    pub async fn learn(
+        &self,
+        name: &RepoName,
+        digest: &Digest,
+        backend: BackendIdx,
+        holding: Holding,
+    ) {
+        if holding == Holding::Unknown {
+            return;
+        }
+        let now = Instant::now();
+        // Skip the store write when the local fact is already known and fresh.
+        if let Some((known, until)) = self.holders.get(&(name.clone(), digest.clone(), backend)) {
+            if known == holding && until > now + self.ttl_for(holding) / 2 {
+                return;
+            }
+        }
+        self.remember_locally(name, digest, backend, holding);
+        if let Err(e) = self
+            .store
+            .record_holding(
+                name,
+                digest,
+                &self.ids[backend],
+                holding,
+                self.ttl_for(holding),
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "recording a holder in the store failed");
+        }
+    }
+
+    /// The last resolution of a tag, from this node or the store.
+    pub async fn tag(&self, name: &RepoName, tag: &Tag) -> Option<TagRecord> {
+        if let Some(record) = self.tags.get(&(name.clone(), tag.clone())) {
+            return Some(record);
+        }
+        match self.store.tag(name, tag).await {
+            Ok(Some(record)) => {
+                self.tags
+                    .insert((name.clone(), tag.clone()), record.clone());
+                Some(record)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "tag lookup in the store failed");
+                None
+            }
+        }
+    }
+
+    pub async fn learn_tag(&self, name: &RepoName, tag: &Tag, record: TagRecord) {
+        self.tags
+            .insert((name.clone(), tag.clone()), record.clone());
+        if let Err(e) = self
+            .store
+            .record_tag(name, tag, &record, self.stale_tag_ttl)
+            .await
+        {
+            tracing::warn!(error = %e, "recording a tag in the store failed");
+        }
+    }
+
+    pub fn manifest(&self, digest: &Digest) -> Option<Arc<Manifest>> {
+        self.manifests.get(digest)
+    }
+
+    pub fn keep_manifest(&self, manifest: Arc<Manifest>) {
+        self.manifests.insert(manifest.digest.clone(), manifest);
+    }
+
+    pub fn blob_size(&self, digest: &Digest) -> Option<u64> {
+        self.sizes.get(digest)
+    }
+
+    pub fn learn_size(&self, digest: &Digest, size: u64) {
+        self.sizes.insert(digest.clone(), size);
+    }
+
+    /// A pre-signed URL for the blob on `backend`, while it is still good.
+    pub fn resolved(&self, backend: BackendIdx, digest: &Digest) -> Option<Arc<str>> {
+        self.resolved
+            .get(&(backend, digest.clone()))
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(url, _)| url)
+    }
+
+    pub fn learn_resolved(
+        &self,
+        backend: BackendIdx,
+        digest: &Digest,
+        url: Arc<str>,
+        good_for: Duration,
+    ) {
+        self.resolved
+            .insert((backend, digest.clone()), (url, Instant::now() + good_for));
+    }
+
+    pub fn detected(&self, backend: BackendIdx) -> Detected {
+        Detected::from_u8(self.detected[backend].load(Ordering::Relaxed))
+    }
+
+    pub fn learn_detected(&self, backend: BackendIdx, detected: Detected) {
+        self.detected[backend].store(detected.to_u8(), Ordering::Relaxed);
+    }
+
+    /// A backend that could not be reached counts as down for a while, so that requests
+    /// go to the next holder instead of waiting on it again.
+    pub fn mark_unreachable(&self, backend: BackendIdx) {
+        let until = unix_ms(SystemTime::now()) + self.failure_backoff.as_millis() as u64;
+        self.down_until[backend].store(until, Ordering::Relaxed);
+    }
+
+    pub fn mark_reachable(&self, backend: BackendIdx) {
+        if self.down_until[backend].load(Ordering::Relaxed) != 0 {
+            self.down_until[backend].store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn is_down(&self, backend: BackendIdx, now_ms: u64) -> bool {
+        self.down_until[backend].load(Ordering::Relaxed) > now_ms
+    }
+
+    /// The delivery a backend uses now: configured, or detected so far.
+    pub fn delivery(&self, configured: Delivery, backend: BackendIdx) -> Option<Delivery> {
+        match configured {
+            Delivery::Auto => match self.detected(backend) {
+                Detected::Anonymous => Some(Delivery::Direct),
+                Detected::Resolve => Some(Delivery::Resolve),
+                Detected::Proxy => Some(Delivery::Proxy),
+                Detected::Unknown | Detected::NeedsAuth => None,
+            },
+            other => Some(other),
+        }
+    }
+}

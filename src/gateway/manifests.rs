@@ -1,0 +1,381 @@
+//! Manifests: served by the gateway itself, byte-exact and digest-verified. Tags resolve
+//! at the org's authority with a TTL; when the authority fails, the last known digest is
+//! served and marked stale. Serving a manifest teaches the node where its layers live.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use actix_web::body::SizedStream;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::{Method, StatusCode};
+use actix_web::{HttpRequest, HttpResponse};
+use bytes::Bytes;
+use serde::Deserialize;
+
+use super::knowledge::Manifest;
+use super::{Gateway, BACKEND_HEADER, STALE_HEADER};
+use crate::api_error::ApiError;
+use crate::oci::{media, Digest, Reference, RepoName, Tag};
+use crate::placement::Holding;
+use crate::store::{unix_ms, TagRecord};
+use crate::topology::{BackendIdx, Org};
+use crate::upstream::{header_str, Call, Upstream, MAX_DOCUMENT_BYTES};
+
+pub const DIGEST_HEADER: &str = "Docker-Content-Digest";
+
+pub async fn serve(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    name: &RepoName,
+    reference: Reference,
+    head: bool,
+) -> Result<HttpResponse, ApiError> {
+    let org = gw.org(name)?;
+    let accept = accept_values(req);
+    match reference {
+        Reference::Digest(digest) => {
+            let (manifest, backend) = by_digest(gw, up, org, name, &digest).await?;
+            Ok(respond(&manifest, gw.backend_id(backend), false))
+        }
+        Reference::Tag(tag) => {
+            let resolved = resolve_tag(gw, up, org, name, &tag, &accept).await?;
+            let record = &resolved.record;
+            if head && gw.knowledge.manifest(&record.digest).is_none() {
+                // A HEAD by tag needs no manifest bytes: the record has every header.
+                return Ok(head_from_record(record, resolved.stale));
+            }
+            let (manifest, backend) = by_digest(gw, up, org, name, &record.digest).await?;
+            Ok(respond(&manifest, gw.backend_id(backend), resolved.stale))
+        }
+    }
+}
+
+impl Gateway {
+    pub(super) fn backend_id(&self, idx: BackendIdx) -> &str {
+        &self.topology.backend(idx).id
+    }
+}
+
+/// Every media type the client accepts, one per item (clients send several `Accept`
+/// lines, some with comma-separated lists).
+fn accept_values(req: &HttpRequest) -> Vec<String> {
+    let mut out: Vec<String> = req
+        .headers()
+        .get_all(header::ACCEPT)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .collect();
+    if out.is_empty() {
+        out = media::ALL_MANIFESTS.iter().map(|s| s.to_string()).collect();
+    }
+    out
+}
+
+fn respond(manifest: &Manifest, backend: &str, stale: bool) -> HttpResponse {
+    let mut response = HttpResponse::Ok();
+    response
+        .insert_header((header::CONTENT_TYPE, manifest.media_type.as_str()))
+        .insert_header((DIGEST_HEADER, manifest.digest.as_str()))
+        .insert_header((BACKEND_HEADER, backend));
+    if stale {
+        response.insert_header((STALE_HEADER, "true"));
+    }
+    response.body(manifest.bytes.clone())
+}
+
+fn head_from_record(record: &TagRecord, stale: bool) -> HttpResponse {
+    let mut response = HttpResponse::Ok();
+    response
+        .insert_header((header::CONTENT_TYPE, record.media_type.as_str()))
+        .insert_header((DIGEST_HEADER, record.digest.as_str()))
+        .insert_header((BACKEND_HEADER, record.backend.as_str()));
+    if stale {
+        response.insert_header((STALE_HEADER, "true"));
+    }
+    let empty = futures_util::stream::empty::<Result<Bytes, std::io::Error>>();
+    response.body(SizedStream::new(record.size, empty))
+}
+
+struct Resolved {
+    record: TagRecord,
+    stale: bool,
+}
+
+/// The digest a tag points at: from a fresh cached record, else from the org's authority
+/// (its first backend that answers), else the last known digest marked stale.
+async fn resolve_tag(
+    gw: &Gateway,
+    up: &Upstream,
+    org: &Org,
+    name: &RepoName,
+    tag: &Tag,
+    accept: &[String],
+) -> Result<Resolved, ApiError> {
+    let known = gw.knowledge.tag(name, tag).await;
+    if let Some(record) = &known {
+        if record.age(SystemTime::now()) < org.tag_ttl {
+            return Ok(Resolved {
+                record: record.clone(),
+                stale: false,
+            });
+        }
+    }
+    let now_ms = unix_ms(SystemTime::now());
+    for &b in &org.backends {
+        let answer = if gw.knowledge.is_down(b, now_ms) {
+            Err("backend is passed over after failing to answer".to_owned())
+        } else {
+            ask_authority(gw, up, org, b, name, tag, accept).await
+        };
+        match answer {
+            Ok(Some(record)) => {
+                gw.knowledge
+                    .learn(name, &record.digest, b, Holding::Has)
+                    .await;
+                gw.knowledge.learn_tag(name, tag, record.clone()).await;
+                return Ok(Resolved {
+                    record,
+                    stale: false,
+                });
+            }
+            Ok(None) => {
+                return Err(ApiError::ManifestUnknown(format!("{name}:{tag}")));
+            }
+            Err(reason) => {
+                tracing::warn!(backend = gw.backend_id(b), %name, %tag, %reason, "tag authority failed");
+                if let Some(record) = known {
+                    tracing::warn!(
+                        %name, %tag, digest = %record.digest,
+                        age_s = record.age(SystemTime::now()).as_secs(),
+                        "serving the last known digest of a tag: its authority is failing"
+                    );
+                    return Ok(Resolved {
+                        record,
+                        stale: true,
+                    });
+                }
+            }
+        }
+    }
+    Err(ApiError::Unavailable(format!(
+        "no backend of org '{}' can resolve {name}:{tag}",
+        org.name
+    )))
+}
+
+/// Resolves a tag at one backend: `Ok(None)` when it says the tag does not exist, `Err`
+/// when it fails to answer.
+async fn ask_authority(
+    gw: &Gateway,
+    up: &Upstream,
+    org: &Org,
+    b: BackendIdx,
+    name: &RepoName,
+    tag: &Tag,
+    accept: &[String],
+) -> Result<Option<TagRecord>, String> {
+    let backend = gw.topology.backend(b);
+    let repo = org.backend_repo(b, name);
+    // HEAD first: Docker Hub counts GETs as pulls, and the manifest is often cached already.
+    let mut call = Call::new(
+        Method::HEAD,
+        format!("/v2/{repo}/manifests/{tag}"),
+        Some(&repo),
+    );
+    for value in accept {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            call = call.header(header::ACCEPT, v);
+        }
+    }
+    let response = gw
+        .send(up, backend, &call)
+        .await
+        .map_err(|e| e.to_string())?;
+    match response.status() {
+        StatusCode::OK => {}
+        StatusCode::NOT_FOUND => return Ok(None),
+        other => return Err(format!("answered {other}")),
+    }
+    let headers = response.headers();
+    let digest = header_str(
+        headers,
+        header::HeaderName::from_static("docker-content-digest"),
+    )
+    .and_then(|d| Digest::parse(d).ok());
+    let media_type = header_str(headers, header::CONTENT_TYPE).map(str::to_owned);
+    let size = header_str(headers, header::CONTENT_LENGTH).and_then(|l| l.parse::<u64>().ok());
+    let record = |digest: Digest, media_type: String, size: u64| TagRecord {
+        digest,
+        media_type,
+        size,
+        backend: backend.id.to_string(),
+        resolved_at_ms: unix_ms(SystemTime::now()),
+    };
+    if let (Some(digest), Some(media_type), Some(size)) = (digest, media_type, size) {
+        return Ok(Some(record(digest, media_type, size)));
+    }
+    // The backend did not say which digest: fetch the manifest by tag and hash it.
+    call.method = Method::GET;
+    let fetched = fetch(gw, up, backend, &call, None).await?;
+    match fetched {
+        Fetched::Found(manifest) => {
+            let r = record(
+                manifest.digest.clone(),
+                manifest.media_type.clone(),
+                manifest.bytes.len() as u64,
+            );
+            warm(gw, b, name, &manifest).await;
+            gw.knowledge.keep_manifest(Arc::new(manifest));
+            Ok(Some(r))
+        }
+        Fetched::Missing => Ok(None),
+    }
+}
+
+enum Fetched {
+    Found(Manifest),
+    Missing,
+}
+
+/// GETs a manifest and checks it: against `expected` when fetched by digest, else hashed
+/// with sha256 to learn its digest.
+async fn fetch(
+    gw: &Gateway,
+    up: &Upstream,
+    backend: &crate::topology::Backend,
+    call: &Call<'_>,
+    expected: Option<&Digest>,
+) -> Result<Fetched, String> {
+    let mut response = gw
+        .send(up, backend, call)
+        .await
+        .map_err(|e| e.to_string())?;
+    match response.status() {
+        StatusCode::OK => {}
+        StatusCode::NOT_FOUND => return Ok(Fetched::Missing),
+        other => return Err(format!("answered {other}")),
+    }
+    let media_type = header_str(response.headers(), header::CONTENT_TYPE).map(str::to_owned);
+    let bytes = response
+        .body()
+        .limit(MAX_DOCUMENT_BYTES)
+        .await
+        .map_err(|e| format!("reading the manifest failed: {e}"))?;
+    let digest = match expected {
+        Some(d) if d.verifies(&bytes) => d.clone(),
+        Some(d) => {
+            return Err(format!(
+                "manifest bytes do not match {d}: refusing to serve them"
+            ))
+        }
+        None => Digest::compute(crate::oci::Algorithm::Sha256, &bytes),
+    };
+    let media_type = media_type
+        .filter(|m| !m.is_empty() && m != "application/octet-stream")
+        .or_else(|| {
+            serde_json::from_slice::<Document>(&bytes)
+                .ok()
+                .and_then(|d| d.media_type)
+        })
+        .unwrap_or_else(|| media::OCI_MANIFEST.to_owned());
+    Ok(Fetched::Found(Manifest {
+        digest,
+        media_type,
+        bytes,
+        backend: backend.id.clone(),
+    }))
+}
+
+/// A manifest by digest: from the cache when a backend of this org is known to hold it,
+/// else from the best holder, trying the next when one fails or lacks it.
+pub(super) async fn by_digest(
+    gw: &Gateway,
+    up: &Upstream,
+    org: &Org,
+    name: &RepoName,
+    digest: &Digest,
+) -> Result<(Arc<Manifest>, BackendIdx), ApiError> {
+    let candidates = gw.candidates(org, name, digest).await;
+    if let (Some(manifest), Some(first)) = (gw.knowledge.manifest(digest), candidates.first()) {
+        if first.holding == Holding::Has {
+            return Ok((manifest, first.backend));
+        }
+    }
+    let mut failures = 0u32;
+    for c in &candidates {
+        let backend = gw.topology.backend(c.backend);
+        let repo = org.backend_repo(c.backend, name);
+        let mut call = Call::new(
+            Method::GET,
+            format!("/v2/{repo}/manifests/{digest}"),
+            Some(&repo),
+        );
+        // By digest the content is pinned: accept every manifest type, or the registry
+        // answers 404 for types the client did not name.
+        for m in media::ALL_MANIFESTS {
+            call = call.header(header::ACCEPT, HeaderValue::from_static(m));
+        }
+        match fetch(gw, up, backend, &call, Some(digest)).await {
+            Ok(Fetched::Found(manifest)) => {
+                gw.knowledge
+                    .learn(name, digest, c.backend, Holding::Has)
+                    .await;
+                warm(gw, c.backend, name, &manifest).await;
+                let manifest = Arc::new(manifest);
+                gw.knowledge.keep_manifest(manifest.clone());
+                return Ok((manifest, c.backend));
+            }
+            Ok(Fetched::Missing) => {
+                gw.knowledge
+                    .learn(name, digest, c.backend, Holding::Lacks)
+                    .await;
+            }
+            Err(reason) => {
+                failures += 1;
+                tracing::warn!(backend = &*backend.id, %name, %digest, %reason, "manifest fetch failed");
+            }
+        }
+    }
+    tracing::debug!(failures, "no holder could serve the manifest");
+    let unknown = ApiError::ManifestUnknown(format!("{name}@{digest}"));
+    Err(gw.none_serves(org, name, digest, unknown).await)
+}
+
+#[derive(Deserialize)]
+struct Document {
+    #[serde(rename = "mediaType")]
+    media_type: Option<String>,
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    digest: String,
+    size: Option<u64>,
+}
+
+/// The backend that served a manifest holds what it references: remember the config,
+/// layers and child manifests there, and their sizes (blob HEADs are answered from them).
+async fn warm(gw: &Gateway, backend: BackendIdx, name: &RepoName, manifest: &Manifest) {
+    let Ok(doc) = serde_json::from_slice::<Document>(&manifest.bytes) else {
+        return;
+    };
+    for d in doc.config.iter().chain(&doc.layers).chain(&doc.manifests) {
+        let Ok(digest) = Digest::parse(&d.digest) else {
+            continue;
+        };
+        if let Some(size) = d.size {
+            gw.knowledge.learn_size(&digest, size);
+        }
+        gw.knowledge
+            .learn(name, &digest, backend, Holding::Has)
+            .await;
+    }
+}

@@ -1,0 +1,169 @@
+//! The gateway's decisions for each route: which backend serves, how the client reaches
+//! the bytes, and what the node learns on the way.
+//!
+//! `Gateway` is shared by every worker; `Upstream` (the backend client) is per worker.
+//! Architecture invariant: handlers never hold a lock across an await, and a request whose
+//! facts are all cached makes no call to the store or to a backend.
+
+mod blobs;
+mod knowledge;
+mod listing;
+mod manifests;
+
+use std::sync::Arc;
+
+use actix_web::http::Method;
+use actix_web::HttpRequest;
+
+pub use knowledge::Knowledge;
+
+use crate::api_error::ApiError;
+use crate::config::{CacheSettings, Settings};
+use crate::placement::{self, BackendView, Candidate, Health};
+use crate::route::Route;
+use crate::store::Store;
+use crate::topology::{Org, Topology};
+use crate::upstream::{AuthCache, Upstream, UpstreamError};
+
+pub const BACKEND_HEADER: &str = "X-Regatta-Backend";
+pub const STALE_HEADER: &str = "X-Regatta-Stale";
+
+pub struct Gateway {
+    pub topology: Topology,
+    pub cache: CacheSettings,
+    pub knowledge: Knowledge,
+    pub auth: Arc<AuthCache>,
+}
+
+impl Gateway {
+    pub fn new(settings: &Settings, store: Arc<dyn Store>) -> Gateway {
+        let topology = Topology::from_settings(settings);
+        Gateway {
+            knowledge: Knowledge::new(
+                &settings.cache,
+                topology.backends.iter().map(|b| b.id.clone()).collect(),
+                store,
+            ),
+            topology,
+            cache: settings.cache.clone(),
+            auth: Arc::new(AuthCache::new()),
+        }
+    }
+
+    /// The org serving `name`, or 403 for a name outside every configured org.
+    fn org(&self, name: &crate::oci::RepoName) -> Result<&Org, ApiError> {
+        self.topology
+            .org(name.org())
+            .ok_or_else(|| ApiError::Denied(name.org().to_owned()))
+    }
+
+    /// The placement snapshot of an org's backends, in policy order.
+    fn views<'a>(&'a self, org: &Org) -> Vec<BackendView<'a>> {
+        let now_ms = crate::store::unix_ms(std::time::SystemTime::now());
+        org.backends
+            .iter()
+            .map(|&idx| {
+                let b = self.topology.backend(idx);
+                BackendView {
+                    idx,
+                    region: &b.region,
+                    health: if self.knowledge.is_down(idx, now_ms) {
+                        Health::Down
+                    } else {
+                        Health::Up
+                    },
+                    drained: false,
+                    latency_us: 0,
+                    weight: b.weight,
+                }
+            })
+            .collect()
+    }
+
+    /// Org backends ordered for `digest` in `name`, with what is known of each holding it.
+    async fn candidates(
+        &self,
+        org: &Org,
+        name: &crate::oci::RepoName,
+        digest: &crate::oci::Digest,
+    ) -> Vec<Candidate> {
+        let holdings = self.knowledge.holdings(org, name, digest).await;
+        placement::rank(&self.topology.region, &self.views(org), &holdings)
+    }
+}
+
+impl Gateway {
+    /// Sends a call to a backend and notes whether it could be reached at all.
+    async fn send(
+        &self,
+        up: &Upstream,
+        backend: &crate::topology::Backend,
+        call: &crate::upstream::Call<'_>,
+    ) -> Result<crate::upstream::Response, UpstreamError> {
+        let result = up.send(backend, call).await;
+        match &result {
+            Err(UpstreamError::Unreachable { .. }) => {
+                tracing::warn!(
+                    backend = &*backend.id,
+                    "backend unreachable; passing it over for a while"
+                );
+                self.knowledge.mark_unreachable(backend.idx);
+            }
+            Ok(r) if !r.status().is_server_error() => self.knowledge.mark_reachable(backend.idx),
+            _ => {}
+        }
+        result
+    }
+}
+
+impl Gateway {
+    /// The error when no backend could serve `digest`: unknown when every backend of the
+    /// org says it lacks it, unavailable when some could not be asked.
+    async fn none_serves(
+        &self,
+        org: &Org,
+        name: &crate::oci::RepoName,
+        digest: &crate::oci::Digest,
+        unknown: ApiError,
+    ) -> ApiError {
+        let holdings = self.knowledge.holdings(org, name, digest).await;
+        if holdings.iter().all(|h| *h == placement::Holding::Lacks) {
+            unknown
+        } else {
+            ApiError::Unavailable(format!(
+                "no backend of org '{}' can serve {name}@{digest} now",
+                org.name
+            ))
+        }
+    }
+}
+
+/// Answers one registry API request.
+pub async fn handle(
+    gw: &Gateway,
+    up: &Upstream,
+    req: &HttpRequest,
+    route: Route,
+) -> Result<actix_web::HttpResponse, ApiError> {
+    let head = match *req.method() {
+        Method::GET => false,
+        Method::HEAD => true,
+        _ => {
+            return Err(ApiError::Unsupported(format!(
+                "{} is not supported: this registry is read-only (GET and HEAD)",
+                req.method()
+            )))
+        }
+    };
+    match route {
+        Route::Base => Ok(actix_web::HttpResponse::Ok()
+            .content_type("application/json")
+            .body("{}")),
+        Route::Manifest { name, reference } => {
+            manifests::serve(gw, up, req, &name, reference, head).await
+        }
+        Route::Blob { name, digest } => blobs::serve(gw, up, req, &name, &digest, head).await,
+        Route::Tags { name } => listing::tags(gw, up, req, &name).await,
+        Route::Referrers { name, digest } => listing::referrers(gw, up, req, &name, &digest).await,
+    }
+}

@@ -1,0 +1,14 @@
+//! regatta: a clustered container-registry gateway. See ARCHITECTURE.md for the map.
+#![forbid(unsafe_code)]
+
+pub mod api_error;
+pub mod config;
+pub mod gateway;
+pub mod oci;
+pub mod placement;
+pub mod route;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+pub mod topology;
+pub mod upstream;

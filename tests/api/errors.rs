@@ -1,0 +1,105 @@
+//! Bad input and unknown content get OCI error bodies with the right status, never a 5xx.
+
+use awc::http::Method;
+
+use crate::helpers::{spawn_app, Config};
+use crate::images;
+use crate::registry::{Registry, Shape};
+
+const ZERO: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+#[actix_web::test]
+async fn bad_requests_get_oci_errors() {
+    let registry = Registry::start(Shape::Anonymous, None);
+    let work = tempfile::tempdir().unwrap();
+    let image = images::multiarch(&work.path().join("image"), "errors", "1.0", 1, 0);
+    registry.push(&image, "acme/app", "1.0");
+    let app = spawn_app(Config::new().backend("hub", &registry, "direct").org(
+        "acme",
+        &["hub"],
+        "30s",
+        &[],
+    ))
+    .await;
+
+    let base = app.get("/v2/").await;
+    assert_eq!(base.status, 200);
+    assert_eq!(
+        base.header("docker-distribution-api-version"),
+        Some("registry/2.0")
+    );
+
+    #[rustfmt::skip]
+    let cases: Vec<(Method, String, u16, &str)> = vec![
+        (Method::GET, "/v2/other/app/manifests/1.0".into(), 403, "DENIED"),
+        (Method::GET, format!("/v2/other/app/blobs/{ZERO}"), 403, "DENIED"),
+        (Method::GET, "/v2/Acme/app/manifests/1.0".into(), 400, "NAME_INVALID"),
+        (Method::GET, "/v2/acme/ap%20p/manifests/1.0".into(), 400, "NAME_INVALID"),
+        (Method::GET, "/v2/app/manifests/1.0".into(), 400, "NAME_INVALID"),
+        (Method::GET, "/v2/acme/app/manifests/.bad".into(), 400, "TAG_INVALID"),
+        (Method::GET, "/v2/acme/app/manifests/sha256:1234".into(), 400, "DIGEST_INVALID"),
+        (Method::GET, "/v2/acme/app/blobs/sha256:ZZ".into(), 400, "DIGEST_INVALID"),
+        (Method::GET, "/v2/acme/app/blobs/md5:abcd".into(), 400, "DIGEST_INVALID"),
+        (Method::GET, "/v2/acme/app/manifests/2.0".into(), 404, "MANIFEST_UNKNOWN"),
+        (Method::GET, format!("/v2/acme/app/manifests/{ZERO}"), 404, "MANIFEST_UNKNOWN"),
+        (Method::GET, format!("/v2/acme/app/blobs/{ZERO}"), 404, "BLOB_UNKNOWN"),
+        (Method::GET, "/v2/acme/nothing/tags/list".into(), 404, "NAME_UNKNOWN"),
+        (Method::GET, "/v2/acme/app/tags/list?n=-1".into(), 400, "PAGINATION_NUMBER_INVALID"),
+        (Method::GET, "/v2/acme/app/frobnicate/x".into(), 404, "NAME_UNKNOWN"),
+        (Method::POST, "/v2/acme/app/blobs/uploads/".into(), 405, "UNSUPPORTED"),
+        (Method::PUT, "/v2/acme/app/manifests/1.0".into(), 405, "UNSUPPORTED"),
+        (Method::DELETE, format!("/v2/acme/app/manifests/{ZERO}"), 405, "UNSUPPORTED"),
+        (Method::PATCH, "/v2/Bad/x/blobs/uploads/1".into(), 405, "UNSUPPORTED"),
+    ];
+    for (method, path, status, code) in cases {
+        let answer = app.request(method.clone(), &path, &[]).await;
+        assert_eq!(
+            answer.status,
+            status,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        assert_eq!(answer.error_code(), code, "{method} {path}");
+        assert_eq!(
+            answer.header("content-type"),
+            Some("application/json"),
+            "{method} {path}"
+        );
+        assert_eq!(
+            answer.header("docker-distribution-api-version"),
+            Some("registry/2.0")
+        );
+    }
+    // A HEAD of something unknown has no body but the right status.
+    assert_eq!(
+        app.head(&format!("/v2/acme/app/manifests/{ZERO}"))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(app.head("/v2/other/app/manifests/1.0").await.status, 403);
+}
+
+#[actix_web::test]
+async fn a_dead_backend_is_a_503_with_retry_after() {
+    let mut registry = Registry::start(Shape::Anonymous, None);
+    let app = spawn_app(Config::new().backend("hub", &registry, "direct").org(
+        "acme",
+        &["hub"],
+        "30s",
+        &[],
+    ))
+    .await;
+    registry.stop();
+    let answer = app.get("/v2/acme/app/manifests/1.0").await;
+    assert_eq!(answer.status, 503);
+    assert_eq!(answer.error_code(), "UNAVAILABLE");
+    assert_eq!(answer.header("retry-after"), Some("5"));
+    let answer = app.get(&format!("/v2/acme/app/blobs/{ZERO}")).await;
+    assert_eq!(
+        answer.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+}

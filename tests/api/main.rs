@@ -1,0 +1,15 @@
+//! Integration tests: real gateway nodes on port 0, real `docker-registry` backends, real
+//! clients (skopeo, podman, ctr). Run through `scripts/test.sh`, which installs the tools.
+
+mod clients;
+mod helpers;
+mod images;
+mod procs;
+mod registry;
+
+mod cli;
+mod errors;
+mod freshness;
+mod listing;
+mod placement;
+mod pulls;

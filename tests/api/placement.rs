@@ -1,0 +1,87 @@
+//! Digest-aware placement: requests go to the backend that holds the digest.
+
+use crate::clients::skopeo_pull;
+use crate::helpers::{spawn_app, Config};
+use crate::images;
+use crate::registry::{Registry, Shape};
+
+#[actix_web::test]
+async fn every_request_goes_to_the_only_holder() {
+    let holder = Registry::start(Shape::Anonymous, None);
+    let empty = Registry::start(Shape::Anonymous, None);
+    let work = tempfile::tempdir().unwrap();
+    let image = images::multiarch(&work.path().join("image"), "only-holder", "1.0", 3, 4096);
+    holder.push(&image, "acme/app", "1.0");
+    // The holder is second in policy order: only digests can find it.
+    let app = spawn_app(
+        Config::new()
+            .backend("empty", &empty, "direct")
+            .backend("holder", &holder, "direct")
+            .org("acme", &["empty", "holder"], "30s", &[]),
+    )
+    .await;
+    let by_digest = format!("{}/acme/app@{}", app.host(), image.index.digest);
+    let pulled = skopeo_pull(&by_digest, &work.path().join("out"));
+    assert_eq!(pulled.top, image.index.digest);
+    assert_eq!(pulled.blobs, image.all_digests());
+
+    for p in &image.platforms {
+        for digest in std::iter::once(&p.config.digest).chain(p.layers.iter().map(|l| &l.digest)) {
+            let answer = app.get(&format!("/v2/acme/app/blobs/{digest}")).await;
+            assert_eq!(answer.status, 307);
+            assert_eq!(answer.backend(), "holder", "{digest}");
+            let hits = empty.requests_naming(digest);
+            assert!(
+                hits.is_empty(),
+                "the empty backend was asked for {digest}: {hits:?}"
+            );
+        }
+        let answer = app
+            .get(&format!("/v2/acme/app/manifests/{}", p.manifest.digest))
+            .await;
+        assert_eq!(answer.backend(), "holder");
+    }
+    // The only question the empty backend ever got was the index by digest, answered 404.
+    let asked = empty.requests_naming("/v2/acme/app/");
+    assert!(
+        asked.iter().all(|l| l.contains(&image.index.digest)),
+        "unexpected requests to the empty backend: {asked:?}"
+    );
+}
+
+#[actix_web::test]
+async fn unknown_holders_are_probed_and_remembered() {
+    let a = Registry::start(Shape::Anonymous, None);
+    let b = Registry::start(Shape::Anonymous, None);
+    let work = tempfile::tempdir().unwrap();
+    let image = images::multiarch(&work.path().join("image"), "probe", "1.0", 2, 1024);
+    b.push(&image, "acme/app", "1.0");
+    let app = spawn_app(
+        Config::new()
+            .backend("a", &a, "direct")
+            .backend("b", &b, "direct")
+            .org("acme", &["a", "b"], "30s", &[]),
+    )
+    .await;
+    // No manifest was served: the gateway knows nothing and must probe.
+    let layer = &image.platform("amd64").layers[0].digest;
+    let (a_before, b_before) = (
+        a.requests_naming(layer).len(),
+        b.requests_naming(layer).len(),
+    );
+    for _ in 0..3 {
+        let answer = app.get(&format!("/v2/acme/app/blobs/{layer}")).await;
+        assert_eq!(answer.status, 307);
+        assert_eq!(answer.backend(), "b");
+    }
+    assert_eq!(
+        a.requests_naming(layer).len() - a_before,
+        1,
+        "a is probed once, then known to lack it"
+    );
+    assert_eq!(
+        b.requests_naming(layer).len() - b_before,
+        1,
+        "b is probed once; the redirects that follow need no backend call"
+    );
+}

@@ -1,0 +1,427 @@
+//! Real backend registries: Debian's `docker-registry` (distribution 2.8) on random
+//! loopback ports, in four shapes: anonymous; token-protected with the test token issuer;
+//! token-protected with its `redirect` storage middleware and nginx over the storage root
+//! standing in for a CDN; htpasswd.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use base64::Engine as _;
+use serde_json::json;
+
+use crate::images::{Artifact, Image};
+use crate::procs::{free_port, require, run_ok, wait_until, Proc};
+
+pub const USER: &str = "alice";
+pub const PASSWORD: &str = "secret";
+const SERVICE: &str = "regatta-test-registry";
+const ISSUER: &str = "regatta-test-issuer";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    Anonymous,
+    Token,
+    TokenWithCdn,
+    Htpasswd,
+}
+
+impl Shape {
+    pub fn needs_credentials_to_push(self) -> bool {
+        self != Shape::Anonymous
+    }
+}
+
+/// A token service in the test process, as Docker Hub's: anonymous clients get pull
+/// tokens, alice/secret gets whatever she asks for, wrong credentials get 401.
+pub struct TokenIssuer {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub issued: Arc<AtomicUsize>,
+    handle: actix_web::dev::ServerHandle,
+}
+
+struct IssuerKeys {
+    key: jsonwebtoken::EncodingKey,
+    cert_der_b64: String,
+    issued: Arc<AtomicUsize>,
+}
+
+impl TokenIssuer {
+    pub async fn start() -> TokenIssuer {
+        require("openssl");
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.pem");
+        let cert = dir.path().join("cert.pem");
+        let mut cmd = Command::new("openssl");
+        cmd.args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=regatta-test-token",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert);
+        run_ok(cmd, Duration::from_secs(60));
+        let mut der = Command::new("openssl");
+        der.args(["x509", "-outform", "DER", "-in"]).arg(&cert);
+        let der = crate::procs::run(der, Duration::from_secs(30)).stdout;
+        let issued = Arc::new(AtomicUsize::new(0));
+        let keys = web::Data::new(IssuerKeys {
+            key: jsonwebtoken::EncodingKey::from_rsa_pem(&std::fs::read(&key).unwrap()).unwrap(),
+            cert_der_b64: base64::engine::general_purpose::STANDARD.encode(der),
+            issued: issued.clone(),
+        });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(keys.clone())
+                .route("/token", web::get().to(issue_get))
+                .route("/token", web::post().to(issue_post))
+                .route("/ready", web::get().to(HttpResponse::Ok))
+        })
+        .workers(2)
+        .disable_signals()
+        .listen(listener)
+        .unwrap()
+        .run();
+        let handle = server.handle();
+        actix_web::rt::spawn(server);
+        crate::helpers::wait_for_http(&format!("http://127.0.0.1:{port}/ready")).await;
+        TokenIssuer {
+            port,
+            dir,
+            issued,
+            handle,
+        }
+    }
+
+    pub fn cert(&self) -> PathBuf {
+        self.dir.path().join("cert.pem")
+    }
+}
+
+impl Drop for TokenIssuer {
+    fn drop(&mut self) {
+        let handle = self.handle.clone();
+        actix_web::rt::spawn(async move { handle.stop(false).await });
+    }
+}
+
+fn basic_credentials(req: &HttpRequest) -> Option<(String, String)> {
+    let value = req.headers().get("authorization")?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (u, p) = text.split_once(':')?;
+    Some((u.to_owned(), p.to_owned()))
+}
+
+async fn issue_get(req: HttpRequest, keys: web::Data<IssuerKeys>) -> HttpResponse {
+    let scopes: Vec<String> = url::form_urlencoded::parse(req.query_string().as_bytes())
+        .filter(|(k, _)| k == "scope")
+        .flat_map(|(_, v)| v.split(' ').map(str::to_owned).collect::<Vec<_>>())
+        .collect();
+    issue(&keys, basic_credentials(&req), &scopes)
+}
+
+async fn issue_post(keys: web::Data<IssuerKeys>, form: web::Bytes) -> HttpResponse {
+    let mut user = None;
+    let mut password = None;
+    let mut scopes = Vec::new();
+    for (k, v) in url::form_urlencoded::parse(&form) {
+        match &*k {
+            "username" => user = Some(v.into_owned()),
+            "password" => password = Some(v.into_owned()),
+            "scope" => scopes.extend(v.split(' ').map(str::to_owned)),
+            _ => {}
+        }
+    }
+    issue(&keys, user.zip(password), &scopes)
+}
+
+fn issue(keys: &IssuerKeys, creds: Option<(String, String)>, scopes: &[String]) -> HttpResponse {
+    let authenticated = match &creds {
+        Some((u, p)) if u == USER && p == PASSWORD => true,
+        Some(_) => return HttpResponse::Unauthorized().body("bad credentials"),
+        None => false,
+    };
+    let access: Vec<_> = scopes
+        .iter()
+        .filter_map(|s| {
+            let mut parts = s.splitn(3, ':');
+            let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
+            let actions: Vec<&str> = actions
+                .split(',')
+                .filter(|a| authenticated || *a == "pull")
+                .collect();
+            Some(json!({ "type": kind, "name": name, "actions": actions }))
+        })
+        .collect();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let n = keys.issued.fetch_add(1, Ordering::SeqCst);
+    let claims = json!({
+        "iss": ISSUER,
+        "sub": creds.as_ref().map_or("", |(u, _)| u.as_str()),
+        "aud": SERVICE,
+        "exp": now + 300,
+        "nbf": now - 10,
+        "iat": now,
+        "jti": format!("token-{n}"),
+        "access": access,
+    });
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.x5c = Some(vec![keys.cert_der_b64.clone()]);
+    let token = jsonwebtoken::encode(&header, &claims, &keys.key).unwrap();
+    HttpResponse::Ok().json(json!({ "token": token, "access_token": token, "expires_in": 300 }))
+}
+
+/// A running registry. Its combined log is kept for assertions about what reached it.
+pub struct Registry {
+    pub shape: Shape,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub cdn_port: Option<u16>,
+    proc: Proc,
+    cdn: Option<Proc>,
+}
+
+impl Registry {
+    pub fn start(shape: Shape, issuer: Option<&TokenIssuer>) -> Registry {
+        require("docker-registry");
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("storage");
+        std::fs::create_dir_all(&root).unwrap();
+        let port = free_port();
+        let mut cdn_port = None;
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: regatta-test-secret\n",
+            root.display()
+        );
+        match shape {
+            Shape::Anonymous => {}
+            Shape::Token | Shape::TokenWithCdn => {
+                let issuer = issuer.expect("token registries need the token issuer");
+                yaml.push_str(&format!(
+                    "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
+                    issuer.port,
+                    issuer.cert().display()
+                ));
+                if shape == Shape::TokenWithCdn {
+                    let p = free_port();
+                    cdn_port = Some(p);
+                    yaml.push_str(&format!(
+                        "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: http://127.0.0.1:{p}/\n"
+                    ));
+                }
+            }
+            Shape::Htpasswd => {
+                require("htpasswd");
+                let mut cmd = Command::new("htpasswd");
+                cmd.args(["-Bbn", USER, PASSWORD]);
+                let line = run_ok(cmd, Duration::from_secs(30));
+                let file = dir.path().join("htpasswd");
+                std::fs::write(&file, line).unwrap();
+                yaml.push_str(&format!(
+                    "auth:\n  htpasswd:\n    realm: regatta-test\n    path: {}\n",
+                    file.display()
+                ));
+            }
+        }
+        let config = dir.path().join("config.yml");
+        std::fs::write(&config, yaml).unwrap();
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve").arg(&config);
+        let proc = Proc::spawn("docker-registry", cmd, &dir.path().join("registry.log"));
+        let cdn = cdn_port.map(|p| start_cdn(dir.path(), &root, p));
+        let registry = Registry {
+            shape,
+            port,
+            dir,
+            cdn_port,
+            proc,
+            cdn,
+        };
+        registry.wait_ready();
+        registry
+    }
+
+    fn wait_ready(&self) {
+        let ports: Vec<u16> = std::iter::once(self.port).chain(self.cdn_port).collect();
+        for port in ports {
+            wait_until(
+                &format!("{:?} registry on port {port}", self.shape),
+                Duration::from_secs(20),
+                || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            );
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Everything the registry logged, one request per access line.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// What the CDN stand-in served (nginx access log).
+    pub fn cdn_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("cdn-access.log")).unwrap_or_default()
+    }
+
+    /// Access-log lines of reads (GET, HEAD) whose request line names `needle`.
+    pub fn requests_naming(&self, needle: &str) -> Vec<String> {
+        self.log()
+            .lines()
+            // The access-log lines: `127.0.0.1 - - [date] "GET /v2/... HTTP/1.1" 200 ...`
+            .filter(|l| l.contains("\"GET /") || l.contains("\"HEAD /"))
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn stop(&mut self) {
+        self.proc.stop();
+        if let Some(cdn) = &mut self.cdn {
+            cdn.stop();
+        }
+    }
+
+    fn creds_args(&self) -> Vec<String> {
+        if self.shape.needs_credentials_to_push() {
+            vec!["--dest-creds".into(), format!("{USER}:{PASSWORD}")]
+        } else {
+            vec![]
+        }
+    }
+
+    /// Pushes every platform of `image` to `repo:tag` with skopeo, keeping digests.
+    pub fn push(&self, image: &Image, repo: &str, tag: &str) {
+        require("skopeo");
+        let mut cmd = Command::new("skopeo");
+        cmd.args([
+            "copy",
+            "--all",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+            "--retry-times",
+            "2",
+        ])
+        .args(self.creds_args())
+        .arg(format!("oci:{}:{}", image.dir.display(), image.tag))
+        .arg(format!("docker://{}/{repo}:{tag}", self.host()));
+        run_ok(cmd, Duration::from_secs(180));
+    }
+
+    /// Pushes an artifact (its blobs, then its manifest by digest) and the referrers tag
+    /// schema index for its subject, over plain HTTP (anonymous registry only).
+    pub async fn push_artifact(&self, repo: &str, artifact: &Artifact, subject_digest: &str) {
+        assert_eq!(
+            self.shape,
+            Shape::Anonymous,
+            "artifact pushes use the anonymous registry"
+        );
+        let client = awc::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .finish();
+        for blob in &artifact.blobs {
+            let start = client
+                .post(format!("{}/v2/{repo}/blobs/uploads/", self.url()))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(start.status(), 202, "blob upload start");
+            let location = start
+                .headers()
+                .get("location")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned();
+            let sep = if location.contains('?') { '&' } else { '?' };
+            let put = client
+                .put(format!(
+                    "{location}{sep}digest={}",
+                    crate::images::sha256(blob)
+                ))
+                .insert_header(("content-type", "application/octet-stream"))
+                .send_body(blob.clone())
+                .await
+                .unwrap();
+            assert_eq!(put.status(), 201, "blob upload finish");
+        }
+        let put = client
+            .put(format!(
+                "{}/v2/{repo}/manifests/{}",
+                self.url(),
+                artifact.descriptor.digest
+            ))
+            .insert_header(("content-type", crate::images::OCI_MANIFEST))
+            .send_body(artifact.manifest.clone())
+            .await
+            .unwrap();
+        assert_eq!(put.status(), 201, "artifact manifest push");
+        let mut entry = artifact.descriptor.json();
+        entry["artifactType"] = json!(artifact.artifact_type);
+        let index = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": crate::images::OCI_INDEX,
+            "manifests": [entry],
+        }))
+        .unwrap();
+        let tag = subject_digest.replace(':', "-");
+        let put = client
+            .put(format!("{}/v2/{repo}/manifests/{tag}", self.url()))
+            .insert_header(("content-type", crate::images::OCI_INDEX))
+            .send_body(index)
+            .await
+            .unwrap();
+        assert_eq!(put.status(), 201, "referrers tag schema index push");
+    }
+}
+
+/// nginx serving the registry's storage root: what the redirect middleware points at.
+fn start_cdn(dir: &std::path::Path, root: &std::path::Path, port: u16) -> Proc {
+    require("nginx");
+    let conf = dir.join("nginx.conf");
+    let d = dir.display();
+    std::fs::write(
+        &conf,
+        format!(
+            "user root;\ndaemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/cdn-error.log;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n  access_log {d}/cdn-access.log;\n  client_body_temp_path {d}/nginx-body;\n  proxy_temp_path {d}/nginx-proxy;\n  fastcgi_temp_path {d}/nginx-fastcgi;\n  uwsgi_temp_path {d}/nginx-uwsgi;\n  scgi_temp_path {d}/nginx-scgi;\n\
+               server {{\n    listen 127.0.0.1:{port};\n    root {};\n    location / {{ default_type application/octet-stream; }}\n  }}\n}}\n",
+            root.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-c")
+        .arg(&conf)
+        .arg("-e")
+        .arg(dir.join("cdn-error.log"));
+    Proc::spawn("nginx", cmd, &dir.join("nginx.out"))
+}
