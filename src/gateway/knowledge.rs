@@ -121,7 +121,9 @@ impl Knowledge {
                 }
             }
         }
-        if missing {
+        // A known local holder is enough to serve: the store is asked only when this node
+        // knows of none, so warm requests never wait on it.
+        if missing && !out.contains(&Holding::Has) {
             self.fill_from_store(org, name, digest, &mut out).await;
         }
         out

@@ -35,7 +35,7 @@ pub async fn serve(
     let accept = accept_values(req);
     match reference {
         Reference::Digest(digest) => {
-            let (manifest, backend) = by_digest(gw, up, org, name, &digest).await?;
+            let (manifest, backend) = by_digest(gw, up, org, name, &digest, &accept).await?;
             Ok(respond(&manifest, gw.backend_id(backend), false))
         }
         Reference::Tag(tag) => {
@@ -45,7 +45,7 @@ pub async fn serve(
                 // A HEAD by tag needs no manifest bytes: the record has every header.
                 return Ok(head_from_record(record, resolved.stale));
             }
-            let (manifest, backend) = by_digest(gw, up, org, name, &record.digest).await?;
+            let (manifest, backend) = by_digest(gw, up, org, name, &record.digest, &accept).await?;
             Ok(respond(&manifest, gw.backend_id(backend), resolved.stale))
         }
     }
@@ -297,6 +297,7 @@ pub(super) async fn by_digest(
     org: &Org,
     name: &RepoName,
     digest: &Digest,
+    accept: &[String],
 ) -> Result<(Arc<Manifest>, BackendIdx), ApiError> {
     let candidates = gw.candidates(org, name, digest).await;
     if let (Some(manifest), Some(first)) = (gw.knowledge.manifest(digest), candidates.first()) {
@@ -313,10 +314,16 @@ pub(super) async fn by_digest(
             format!("/v2/{repo}/manifests/{digest}"),
             Some(&repo),
         );
-        // By digest the content is pinned: accept every manifest type, or the registry
-        // answers 404 for types the client did not name.
-        for m in media::ALL_MANIFESTS {
-            call = call.header(header::ACCEPT, HeaderValue::from_static(m));
+        // By digest the content is pinned: accept every manifest type as well as what the
+        // client named, or the registry answers 404 for types the client did not name.
+        for m in accept
+            .iter()
+            .map(String::as_str)
+            .chain(media::ALL_MANIFESTS)
+        {
+            if let Ok(v) = HeaderValue::from_str(m) {
+                call = call.header(header::ACCEPT, v);
+            }
         }
         match fetch(gw, up, backend, &call, Some(digest)).await {
             Ok(Fetched::Found(manifest)) => {
