@@ -26,6 +26,12 @@ pub struct Settings {
     #[serde(default)]
     pub log: LogSettings,
     #[serde(default)]
+    pub admin: AdminSettings,
+    #[serde(default)]
+    pub health: HealthSettings,
+    #[serde(default)]
+    pub cluster: ClusterSettings,
+    #[serde(default)]
     pub backends: Vec<BackendSettings>,
     #[serde(default)]
     pub orgs: Vec<OrgSettings>,
@@ -51,6 +57,70 @@ pub enum StoreSettings {
     /// In-process store: a single node, nothing shared, nothing kept across restarts.
     #[default]
     Memory,
+    /// Redis shared by every node: `redis://host:port/db` (standalone),
+    /// `redis+sentinel://host:port,host:port/master-name` (Sentinel) or
+    /// `redis+cluster://host:port,host:port` (Cluster); `rediss` variants use TLS.
+    Redis { url: String },
+}
+
+/// The operator's API, on its own listener. Off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// Address of the admin listener, e.g. `127.0.0.1:5001`.
+    pub listen: Option<String>,
+    /// Bearer token every admin call must carry (required when `listen` is set).
+    pub token: Option<String>,
+}
+
+/// Active health checks. One node per interval probes each backend (a lease in the store)
+/// and every node uses the result.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSettings {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Time allowed for one probe.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive good probes that bring a down backend back up.
+    pub rise: u32,
+    /// Consecutive failed probes that take a backend down.
+    pub fall: u32,
+    /// A backend answering slower than this is degraded.
+    #[serde(with = "humantime_serde")]
+    pub degraded_latency: Duration,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        HealthSettings {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(3),
+            rise: 2,
+            fall: 3,
+            degraded_latency: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    /// Full reload of the shared state into the node's snapshot, besides pub/sub events.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+    /// This node's name in leases, health records and logs; defaults to host:port.
+    pub node_id: Option<String>,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            refresh_interval: Duration::from_secs(5),
+            node_id: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,6 +229,10 @@ pub struct BackendSettings {
     /// Preference among otherwise equal backends; 0 means "only when nothing else can".
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// A blob the health check fetches through the real delivery path:
+    /// `repository@sha256:...` as named on this backend.
+    #[serde(default)]
+    pub canary: Option<String>,
 }
 
 /// How a blob GET reaches the bytes.
@@ -306,6 +380,39 @@ impl Settings {
         if self.server.workers == Some(0) {
             problem("server.workers".into(), "must be at least 1".into());
         }
+        if let StoreSettings::Redis { url } = &self.store {
+            if let Err(reason) = crate::store::RedisTarget::parse(url) {
+                problem("store.url".into(), reason);
+            }
+        }
+        if let Some(listen) = &self.admin.listen {
+            if listen.parse::<SocketAddr>().is_err() {
+                problem(
+                    "admin.listen".into(),
+                    format!("'{listen}' is not an address like 127.0.0.1:5001"),
+                );
+            }
+            match &self.admin.token {
+                None => problem(
+                    "admin.token".into(),
+                    "required when admin.listen is set".into(),
+                ),
+                Some(t) if t.len() < 16 => problem(
+                    "admin.token".into(),
+                    "must be at least 16 characters".into(),
+                ),
+                Some(_) => {}
+            }
+        }
+        if self.health.interval < Duration::from_millis(50) {
+            problem("health.interval".into(), "must be at least 50ms".into());
+        }
+        if self.health.rise == 0 || self.health.fall == 0 {
+            problem(
+                "health.rise".into(),
+                "rise and fall must be at least 1".into(),
+            );
+        }
         if self.cache.manifest_bytes < 64 * 1024 {
             problem(
                 "cache.manifest_bytes".into(),
@@ -352,6 +459,18 @@ impl Settings {
                      a backend that needs credentials wants resolve or proxy"
                         .into(),
                 );
+            }
+            if let Some(canary) = &b.canary {
+                let ok = canary.split_once('@').is_some_and(|(repo, digest)| {
+                    crate::oci::RepoName::parse(repo).is_ok()
+                        && crate::oci::Digest::parse(digest).is_ok()
+                });
+                if !ok {
+                    problem(
+                        key("canary"),
+                        format!("'{canary}' is not repository@digest"),
+                    );
+                }
             }
             if !is_identifier(&b.region) {
                 problem(key("region"), format!("'{}' must be [a-z0-9_-]+", b.region));

@@ -1,9 +1,12 @@
 //! regatta: a clustered container-registry gateway. See ARCHITECTURE.md for the map.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod api_error;
+pub mod cluster;
 pub mod config;
 pub mod gateway;
+pub mod health;
 pub mod oci;
 pub mod placement;
 pub mod route;

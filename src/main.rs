@@ -73,11 +73,17 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let app = Application::build(settings)?;
     tracing::info!(addr = %app.addr(), "registry API listening");
     println!("regatta listening on http://{}", app.addr());
-    let handle = app.handle();
+    if let Some(admin) = app.admin_addr() {
+        tracing::info!(addr = %admin, "admin API listening");
+        println!("regatta admin API on http://{admin}");
+    }
+    let handles = app.handles();
     actix_web::rt::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");
-        handle.stop(true).await;
+        for handle in handles {
+            handle.stop(true).await;
+        }
     });
     app.run_until_stopped().await?;
     Ok(())

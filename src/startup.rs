@@ -1,34 +1,50 @@
-//! Building and running a node: the store, the shared gateway state, the HTTP listener.
-//! Port 0 works: the bound address is exposed so tests can start nodes freely.
+//! Building and running a node: the store, the shared gateway state, the registry API
+//! listener, the admin listener, and the background tasks (snapshot refresher, health
+//! prober). Port 0 works: bound addresses are exposed so tests can start nodes freely.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 
-use actix_web::dev::Server;
+use actix_web::dev::{Server, ServerHandle};
 use actix_web::http::Method;
 use actix_web::middleware::DefaultHeaders;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 
+use crate::admin::{self, AdminToken};
 use crate::api_error::{ApiError, API_VERSION};
-use crate::config::{Settings, StoreSettings};
+use crate::config::{HealthSettings, Settings, StoreSettings, UpstreamSettings};
 use crate::gateway::{self, Gateway};
-use crate::route;
-use crate::store::{MemoryStore, Store};
+use crate::store::{MemoryStore, RedisStore, RedisTarget, Store};
 use crate::upstream::Upstream;
+use crate::{cluster, health, route};
 
 pub struct Application {
     server: Server,
+    admin: Option<(Server, SocketAddr)>,
     addr: SocketAddr,
+    gateway: web::Data<Gateway>,
+    background: Background,
+}
+
+struct Background {
+    seeds: Vec<(String, crate::store::OrgPolicy)>,
+    refresh_interval: std::time::Duration,
+    health: HealthSettings,
+    upstream: UpstreamSettings,
+    node_id: String,
 }
 
 impl Application {
-    /// Binds the listener and prepares the server; nothing is served until `run`.
+    /// Binds the listeners and prepares the servers; nothing is served until `run_until_stopped`.
     pub fn build(settings: Settings) -> anyhow::Result<Application> {
         // Several crates link rustls; choose its crypto once per process (a second call
         // finds it chosen and changes nothing).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let store: Arc<dyn Store> = match &settings.store {
             StoreSettings::Memory => Arc::new(MemoryStore::new()),
+            StoreSettings::Redis { url } => Arc::new(RedisStore::new(
+                RedisTarget::parse(url).map_err(|e| anyhow::anyhow!("store.url: {e}"))?,
+            )),
         };
         let gateway = web::Data::new(Gateway::new(&settings, store));
         let listener = TcpListener::bind(settings.listen_addr())
@@ -36,9 +52,10 @@ impl Application {
         let addr = listener.local_addr()?;
         let upstream_settings = settings.upstream.clone();
         let auth = gateway.auth.clone();
+        let api_gateway = gateway.clone();
         let mut server = HttpServer::new(move || {
             App::new()
-                .app_data(gateway.clone())
+                .app_data(api_gateway.clone())
                 .app_data(web::Data::new(Upstream::new(
                     &upstream_settings,
                     auth.clone(),
@@ -55,7 +72,46 @@ impl Application {
             server = server.workers(workers);
         }
         let server = server.disable_signals().shutdown_timeout(5).run();
-        Ok(Application { server, addr })
+
+        let admin = match (&settings.admin.listen, &settings.admin.token) {
+            (Some(listen), Some(token)) => {
+                let listener = TcpListener::bind(listen)
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (admin): {e}"))?;
+                let admin_addr = listener.local_addr()?;
+                let token = web::Data::new(AdminToken(token.clone()));
+                let admin_gateway = gateway.clone();
+                let server = HttpServer::new(move || {
+                    App::new()
+                        .app_data(admin_gateway.clone())
+                        .app_data(token.clone())
+                        .configure(admin::configure)
+                })
+                .workers(1)
+                .listen(listener)?
+                .disable_signals()
+                .run();
+                Some((server, admin_addr))
+            }
+            _ => None,
+        };
+        let node_id = settings
+            .cluster
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", hostname(), addr.port()));
+        Ok(Application {
+            server,
+            admin,
+            addr,
+            background: Background {
+                seeds: cluster::config_policies(&settings),
+                refresh_interval: settings.cluster.refresh_interval,
+                health: settings.health.clone(),
+                upstream: settings.upstream.clone(),
+                node_id,
+            },
+            gateway,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -66,14 +122,58 @@ impl Application {
         self.addr.port()
     }
 
-    /// A handle to stop the server from elsewhere.
-    pub fn handle(&self) -> actix_web::dev::ServerHandle {
-        self.server.handle()
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(_, a)| *a)
     }
 
-    pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+    /// Handles to stop the servers from elsewhere (registry API first).
+    pub fn handles(&self) -> Vec<ServerHandle> {
+        std::iter::once(self.server.handle())
+            .chain(self.admin.as_ref().map(|(s, _)| s.handle()))
+            .collect()
     }
+
+    /// Serves until the servers are stopped; the background tasks end with them.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let gw = self.gateway.clone().into_inner();
+        let bg = self.background;
+        tracing::info!(node = %bg.node_id, store = gw.store.kind(), "node starting");
+        let refresher = {
+            let gw = gw.clone();
+            let (state, topology, store) =
+                (gw.state.clone(), gw.topology.clone(), gw.store.clone());
+            actix_web::rt::spawn(async move {
+                cluster::run_refresher(state, topology, store, bg.seeds, bg.refresh_interval, |e| {
+                    admin::apply_event(&gw, e)
+                })
+                .await
+            })
+        };
+        let prober = actix_web::rt::spawn(health::run_prober(
+            gw.clone(),
+            Upstream::new(&bg.upstream, gw.auth.clone()),
+            bg.health,
+            bg.node_id,
+        ));
+        let result = match self.admin {
+            Some((admin, _)) => futures_util::future::try_join(self.server, admin)
+                .await
+                .map(|_| ()),
+            None => self.server.await,
+        };
+        refresher.abort();
+        prober.abort();
+        result
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "regatta".into())
 }
 
 async fn dispatch(

@@ -1,4 +1,5 @@
-//! The backends and orgs a node serves, built once from validated settings.
+//! The backends a node can reach, built once from validated settings, and orgs built from
+//! their policies (which can change at runtime; see `cluster.rs`).
 //!
 //! Backends are addressed by index everywhere on the request path; the string id is for
 //! headers, logs and the shared store.
@@ -29,6 +30,8 @@ pub struct Backend {
     pub delivery: Delivery,
     pub credentials: Credentials,
     pub weight: u32,
+    /// Canary blob for health checks: (repository on this backend, digest).
+    pub canary: Option<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -42,6 +45,57 @@ pub struct Org {
 }
 
 impl Org {
+    /// An org from its stored policy; fails when the policy names a backend this node does
+    /// not have or is malformed.
+    pub fn from_policy(
+        name: &str,
+        policy: &crate::store::OrgPolicy,
+        topology: &Topology,
+    ) -> Result<Org, String> {
+        if crate::oci::RepoName::parse(&format!("{name}/x")).is_err() || name.contains('/') {
+            return Err(format!("'{name}' is not a repository name component"));
+        }
+        if policy.backends.is_empty() {
+            return Err("needs at least one backend".into());
+        }
+        let index_of = |id: &str| {
+            topology
+                .backends
+                .iter()
+                .position(|b| &*b.id == id)
+                .ok_or_else(|| format!("no backend has id '{id}'"))
+        };
+        let mut backends = Vec::new();
+        for id in &policy.backends {
+            let idx = index_of(id)?;
+            if backends.contains(&idx) {
+                return Err(format!("backend '{id}' is listed twice"));
+            }
+            backends.push(idx);
+        }
+        let tag_ttl = humantime::parse_duration(&policy.tag_ttl)
+            .map_err(|e| format!("tag_ttl '{}': {e}", policy.tag_ttl))?;
+        let mut prefixes = HashMap::new();
+        for (id, prefix) in &policy.prefixes {
+            let idx = index_of(id)?;
+            if !backends.contains(&idx) {
+                return Err(format!(
+                    "prefix for '{id}', which is not one of the org's backends"
+                ));
+            }
+            if crate::oci::RepoName::parse(&format!("{prefix}/x")).is_err() {
+                return Err(format!("prefix '{prefix}' is not a repository path"));
+            }
+            prefixes.insert(idx, prefix.clone());
+        }
+        Ok(Org {
+            name: name.to_owned(),
+            backends,
+            tag_ttl,
+            prefixes,
+        })
+    }
+
     /// The repository path on `backend` for gateway repository `name`.
     pub fn backend_repo(&self, backend: BackendIdx, name: &RepoName) -> String {
         match self.prefixes.get(&backend) {
@@ -55,7 +109,6 @@ impl Org {
 pub struct Topology {
     pub region: String,
     pub backends: Vec<Backend>,
-    orgs: HashMap<String, Org>,
 }
 
 impl Topology {
@@ -79,40 +132,21 @@ impl Topology {
                     _ => Credentials::Anonymous,
                 },
                 weight: b.weight,
-            })
-            .collect();
-        let index_of = |id: &str| {
-            backends
-                .iter()
-                .position(|b| &*b.id == id)
-                .expect("org backends validated against backend ids")
-        };
-        let orgs = settings
-            .orgs
-            .iter()
-            .map(|o| {
-                let org = Org {
-                    name: o.name.clone(),
-                    backends: o.backends.iter().map(|id| index_of(id)).collect(),
-                    tag_ttl: o.tag_ttl,
-                    prefixes: o
-                        .prefixes
-                        .iter()
-                        .map(|(id, prefix)| (index_of(id), prefix.clone()))
-                        .collect(),
-                };
-                (o.name.clone(), org)
+                canary: b
+                    .canary
+                    .as_ref()
+                    .and_then(|c| c.split_once('@'))
+                    .map(|(r, d)| (r.to_owned(), d.to_owned())),
             })
             .collect();
         Topology {
             region: settings.server.region.clone(),
             backends,
-            orgs,
         }
     }
 
-    pub fn org(&self, name: &str) -> Option<&Org> {
-        self.orgs.get(name)
+    pub fn index_of(&self, id: &str) -> Option<BackendIdx> {
+        self.backends.iter().position(|b| &*b.id == id)
     }
 
     pub fn backend(&self, idx: BackendIdx) -> &Backend {

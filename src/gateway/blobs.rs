@@ -30,7 +30,7 @@ pub async fn serve(
     digest: &Digest,
     head: bool,
 ) -> Result<HttpResponse, ApiError> {
-    let org = gw.org(name)?;
+    let org = &*gw.org(name)?;
     let mut candidates = gw.candidates(org, name, digest).await;
     if candidates.first().is_none_or(|c| c.holding != Holding::Has) {
         probe(gw, up, org, name, digest, &candidates).await;

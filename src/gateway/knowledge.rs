@@ -279,6 +279,43 @@ impl Knowledge {
         self.detected[backend].store(detected.to_u8(), Ordering::Relaxed);
     }
 
+    /// Forgets holders of `digest` (every repository), its manifest and pre-signed URLs,
+    /// and `repo`'s tag resolutions, on this node.
+    pub fn purge(&self, digest: Option<&Digest>, repo: Option<&RepoName>) {
+        if let Some(digest) = digest {
+            let stale: Vec<_> = self
+                .holders
+                .iter()
+                .filter(|(k, _)| &k.1 == digest)
+                .map(|(k, _)| (*k).clone())
+                .collect();
+            for key in stale {
+                self.holders.invalidate(&key);
+            }
+            let urls: Vec<_> = self
+                .resolved
+                .iter()
+                .filter(|(k, _)| &k.1 == digest)
+                .map(|(k, _)| (*k).clone())
+                .collect();
+            for key in urls {
+                self.resolved.invalidate(&key);
+            }
+            self.manifests.invalidate(digest);
+        }
+        if let Some(repo) = repo {
+            let tags: Vec<_> = self
+                .tags
+                .iter()
+                .filter(|(k, _)| &k.0 == repo)
+                .map(|(k, _)| (*k).clone())
+                .collect();
+            for key in tags {
+                self.tags.invalidate(&key);
+            }
+        }
+    }
+
     /// A backend that could not be reached counts as down for a while, so that requests
     /// go to the next holder instead of waiting on it again.
     pub fn mark_unreachable(&self, backend: BackendIdx) {

@@ -31,7 +31,7 @@ pub async fn tags(
     req: &HttpRequest,
     name: &RepoName,
 ) -> Result<HttpResponse, ApiError> {
-    let org = gw.org(name)?;
+    let org = &*gw.org(name)?;
     let query = actix_web::web::Query::<TagsQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::PaginationInvalid(e.to_string()))?
         .into_inner();
@@ -129,7 +129,7 @@ pub async fn referrers(
     name: &RepoName,
     digest: &Digest,
 ) -> Result<HttpResponse, ApiError> {
-    let org = gw.org(name)?;
+    let org = &*gw.org(name)?;
     let artifact_type = actix_web::web::Query::<ReferrersQuery>::from_query(req.query_string())
         .map(|q| q.into_inner().artifact_type)
         .unwrap_or(None);

@@ -31,7 +31,7 @@ pub async fn serve(
     reference: Reference,
     head: bool,
 ) -> Result<HttpResponse, ApiError> {
-    let org = gw.org(name)?;
+    let org = &*gw.org(name)?;
     let accept = accept_values(req);
     match reference {
         Reference::Digest(digest) => {

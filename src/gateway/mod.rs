@@ -15,9 +15,10 @@ use std::sync::Arc;
 use actix_web::http::Method;
 use actix_web::HttpRequest;
 
-pub use knowledge::Knowledge;
+pub use knowledge::{Detected, Knowledge};
 
 use crate::api_error::ApiError;
+use crate::cluster::{ClusterState, Snapshot};
 use crate::config::{CacheSettings, Settings};
 use crate::placement::{self, BackendView, Candidate, Health};
 use crate::route::Route;
@@ -29,52 +30,64 @@ pub const BACKEND_HEADER: &str = "X-Regatta-Backend";
 pub const STALE_HEADER: &str = "X-Regatta-Stale";
 
 pub struct Gateway {
-    pub topology: Topology,
+    pub topology: Arc<Topology>,
     pub cache: CacheSettings,
     pub knowledge: Knowledge,
     pub auth: Arc<AuthCache>,
+    pub state: Arc<ClusterState>,
+    pub store: Arc<dyn Store>,
 }
 
 impl Gateway {
     pub fn new(settings: &Settings, store: Arc<dyn Store>) -> Gateway {
-        let topology = Topology::from_settings(settings);
+        let topology = Arc::new(Topology::from_settings(settings));
         Gateway {
             knowledge: Knowledge::new(
                 &settings.cache,
                 topology.backends.iter().map(|b| b.id.clone()).collect(),
-                store,
+                store.clone(),
             ),
+            state: Arc::new(ClusterState::new(Snapshot::from_config(
+                &topology, settings,
+            ))),
             topology,
             cache: settings.cache.clone(),
             auth: Arc::new(AuthCache::new()),
+            store,
         }
     }
 
-    /// The org serving `name`, or 403 for a name outside every configured org.
-    fn org(&self, name: &crate::oci::RepoName) -> Result<&Org, ApiError> {
-        self.topology
-            .org(name.org())
+    /// The org serving `name`, or 403 for a name outside every org.
+    fn org(&self, name: &crate::oci::RepoName) -> Result<Arc<Org>, ApiError> {
+        self.state
+            .load()
+            .orgs
+            .get(name.org())
+            .cloned()
             .ok_or_else(|| ApiError::Denied(name.org().to_owned()))
     }
 
-    /// The placement snapshot of an org's backends, in policy order.
-    fn views<'a>(&'a self, org: &Org) -> Vec<BackendView<'a>> {
+    /// The placement view of an org's backends, in policy order: the cluster snapshot,
+    /// plus this node's own passive failure signal.
+    fn views<'a>(&'a self, snapshot: &Snapshot, org: &Org) -> Vec<BackendView<'a>> {
         let now_ms = crate::store::unix_ms(std::time::SystemTime::now());
         org.backends
             .iter()
             .map(|&idx| {
                 let b = self.topology.backend(idx);
+                let live = &snapshot.backends[idx];
+                let health = if self.knowledge.is_down(idx, now_ms) {
+                    Health::Down
+                } else {
+                    live.health
+                };
                 BackendView {
                     idx,
                     region: &b.region,
-                    health: if self.knowledge.is_down(idx, now_ms) {
-                        Health::Down
-                    } else {
-                        Health::Up
-                    },
-                    drained: false,
-                    latency_us: 0,
-                    weight: b.weight,
+                    health,
+                    drained: live.drained,
+                    latency_us: live.latency_us,
+                    weight: live.weight,
                 }
             })
             .collect()
@@ -88,7 +101,12 @@ impl Gateway {
         digest: &crate::oci::Digest,
     ) -> Vec<Candidate> {
         let holdings = self.knowledge.holdings(org, name, digest).await;
-        placement::rank(&self.topology.region, &self.views(org), &holdings)
+        let snapshot = self.state.load();
+        placement::rank(
+            &self.topology.region,
+            &self.views(&snapshot, org),
+            &holdings,
+        )
     }
 }
 

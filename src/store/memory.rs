@@ -1,11 +1,14 @@
 //! The embedded store: a single node's shared state in process memory, bounded in size.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use moka::sync::Cache;
+use tokio::sync::broadcast;
 
-use super::{Store, StoreError, TagRecord};
+use super::{AdminState, HealthRecord, OrgPolicy, Store, StoreError, TagRecord};
 use crate::oci::{Digest, RepoName, Tag};
 use crate::placement::Holding;
 
@@ -14,6 +17,16 @@ type HolderKey = (RepoName, Digest, Box<str>);
 pub struct MemoryStore {
     holdings: Cache<HolderKey, (Holding, Instant)>,
     tags: Cache<(RepoName, Tag), (TagRecord, Instant)>,
+    shared: Mutex<Shared>,
+    events: broadcast::Sender<String>,
+}
+
+#[derive(Default)]
+struct Shared {
+    admin: HashMap<String, AdminState>,
+    health: HashMap<String, (HealthRecord, Instant)>,
+    policies: HashMap<String, OrgPolicy>,
+    seeded: bool,
 }
 
 impl MemoryStore {
@@ -21,7 +34,15 @@ impl MemoryStore {
         MemoryStore {
             holdings: Cache::new(1_000_000),
             tags: Cache::new(100_000),
+            shared: Mutex::new(Shared::default()),
+            events: broadcast::channel(64).0,
         }
+    }
+
+    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -33,6 +54,10 @@ impl Default for MemoryStore {
 
 #[async_trait]
 impl Store for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
     async fn holdings(
         &self,
         repo: &RepoName,
@@ -89,5 +114,120 @@ impl Store for MemoryStore {
             (record.clone(), Instant::now() + keep),
         );
         Ok(())
+    }
+
+    async fn purge(
+        &self,
+        digest: Option<&Digest>,
+        tags_of: Option<&RepoName>,
+    ) -> Result<u64, StoreError> {
+        let mut gone = 0;
+        if let Some(digest) = digest {
+            let keys: Vec<HolderKey> = self
+                .holdings
+                .iter()
+                .filter(|(k, _)| &k.1 == digest)
+                .map(|(k, _)| (*k).clone())
+                .collect();
+            for key in keys {
+                self.holdings.invalidate(&key);
+                gone += 1;
+            }
+        }
+        if let Some(repo) = tags_of {
+            let keys: Vec<(RepoName, Tag)> = self
+                .tags
+                .iter()
+                .filter(|(k, _)| &k.0 == repo)
+                .map(|(k, _)| (*k).clone())
+                .collect();
+            for key in keys {
+                self.tags.invalidate(&key);
+                gone += 1;
+            }
+        }
+        Ok(gone)
+    }
+
+    async fn admin_states(&self) -> Result<HashMap<String, AdminState>, StoreError> {
+        Ok(self.shared().admin.clone())
+    }
+
+    async fn set_admin_state(&self, backend: &str, state: &AdminState) -> Result<(), StoreError> {
+        self.shared()
+            .admin
+            .insert(backend.to_owned(), state.clone());
+        Ok(())
+    }
+
+    async fn health(&self) -> Result<HashMap<String, HealthRecord>, StoreError> {
+        let now = Instant::now();
+        Ok(self
+            .shared()
+            .health
+            .iter()
+            .filter(|(_, (_, until))| *until > now)
+            .map(|(k, (r, _))| (k.clone(), r.clone()))
+            .collect())
+    }
+
+    async fn set_health(
+        &self,
+        backend: &str,
+        record: &HealthRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.shared()
+            .health
+            .insert(backend.to_owned(), (record.clone(), Instant::now() + ttl));
+        Ok(())
+    }
+
+    async fn try_lease(
+        &self,
+        _name: &str,
+        _holder: &str,
+        _ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        // One node: it always holds every lease.
+        Ok(true)
+    }
+
+    async fn policies(&self) -> Result<HashMap<String, OrgPolicy>, StoreError> {
+        Ok(self.shared().policies.clone())
+    }
+
+    async fn seed_policies(&self, seeds: &[(String, OrgPolicy)]) -> Result<(), StoreError> {
+        let mut shared = self.shared();
+        if !shared.seeded {
+            shared.seeded = true;
+            for (org, policy) in seeds {
+                shared
+                    .policies
+                    .entry(org.clone())
+                    .or_insert_with(|| policy.clone());
+            }
+        }
+        Ok(())
+    }
+
+    async fn put_policy(&self, org: &str, policy: &OrgPolicy) -> Result<(), StoreError> {
+        self.shared()
+            .policies
+            .insert(org.to_owned(), policy.clone());
+        Ok(())
+    }
+
+    async fn delete_policy(&self, org: &str) -> Result<bool, StoreError> {
+        Ok(self.shared().policies.remove(org).is_some())
+    }
+
+    async fn publish(&self, event: &str) -> Result<(), StoreError> {
+        let _ = self.events.send(event.to_owned());
+        Ok(())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.events.subscribe()
     }
 }

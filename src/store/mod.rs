@@ -1,21 +1,27 @@
-//! Shared state behind one small trait: which backends hold which digests, and the last
-//! digest each tag resolved to. A single node uses [`MemoryStore`]; a cluster shares the
-//! same facts through Redis.
+//! Shared state behind one small trait: digest holders and tag records (what nodes learn),
+//! admin decisions, backend health and org policy (what nodes must agree on), leases, and
+//! a change feed. A single node uses [`MemoryStore`]; a cluster shares it through
+//! [`RedisStore`].
 //!
-//! Nodes keep their own caches in front of the store (see `knowledge.rs`); the store is
-//! consulted on a local miss and written when something new is learned.
+//! Nodes keep their own caches and a snapshot in front of the store: the request path reads
+//! health and policy only from the snapshot, and asks the store for holders only when the
+//! node knows of none.
 
 mod memory;
+mod redis;
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
 
-pub use memory::MemoryStore;
+pub use self::memory::MemoryStore;
+pub use self::redis::{RedisStore, RedisTarget};
 
 use crate::oci::{Digest, RepoName, Tag};
-use crate::placement::Holding;
+use crate::placement::{Health, Holding};
 
 /// What a tag pointed at when it was last resolved at its authority.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,17 +37,60 @@ pub struct TagRecord {
 
 impl TagRecord {
     pub fn age(&self, now: SystemTime) -> Duration {
-        let now_ms = now
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
-        Duration::from_millis(now_ms.saturating_sub(self.resolved_at_ms))
+        Duration::from_millis(unix_ms(now).saturating_sub(self.resolved_at_ms))
     }
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
+
+/// An operator's decisions about a backend. They have no expiry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminState {
+    #[serde(default)]
+    pub drained: bool,
+    /// Overrides the configured weight.
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+/// The shared result of active health checks on one backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthRecord {
+    pub state: Health,
+    /// Smoothed probe latency in microseconds.
+    pub latency_us: u32,
+    pub ok_streak: u32,
+    pub fail_streak: u32,
+    pub checked_at_ms: u64,
+    /// Why the last probe failed; empty when it succeeded.
+    #[serde(default)]
+    pub reason: String,
+    /// Node that ran the last probe.
+    pub node: String,
+}
+
+/// An org's serving policy as stored and as the admin API speaks it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgPolicy {
+    /// Backend ids in order; the first that answers is the tag authority.
+    pub backends: Vec<String>,
+    /// Tag freshness, e.g. `30s`.
+    #[serde(default = "default_tag_ttl")]
+    pub tag_ttl: String,
+    /// Per backend id, the path that replaces the org name.
+    #[serde(default)]
+    pub prefixes: BTreeMap<String, String>,
+}
+
+fn default_tag_ttl() -> String {
+    "30s".into()
+}
+
+/// Published when shared state changes, so every node reloads its snapshot at once.
+pub const EVENT_RESYNC: &str = "resync";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -53,6 +102,9 @@ pub enum StoreError {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// Short name for logs: `memory`, `redis`.
+    fn kind(&self) -> &'static str;
+
     /// For each backend id, what is known about it holding `digest` in `repo`.
     async fn holdings(
         &self,
@@ -81,4 +133,45 @@ pub trait Store: Send + Sync + 'static {
         record: &TagRecord,
         keep: Duration,
     ) -> Result<(), StoreError>;
+
+    /// Forgets holders of `digest` (every repository) and, with `tags_of`, that
+    /// repository's tag records (`None` digest: only tags). Returns how many facts went.
+    async fn purge(
+        &self,
+        digest: Option<&Digest>,
+        tags_of: Option<&RepoName>,
+    ) -> Result<u64, StoreError>;
+
+    async fn admin_states(&self) -> Result<HashMap<String, AdminState>, StoreError>;
+    async fn set_admin_state(&self, backend: &str, state: &AdminState) -> Result<(), StoreError>;
+
+    async fn health(&self) -> Result<HashMap<String, HealthRecord>, StoreError>;
+    async fn set_health(
+        &self,
+        backend: &str,
+        record: &HealthRecord,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Takes the lease `name` for `ttl` unless another holder has it.
+    async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError>;
+
+    async fn policies(&self) -> Result<HashMap<String, OrgPolicy>, StoreError>;
+    /// Writes the configured policies once in the store's life: later boots leave what the
+    /// admin API made of them alone.
+    async fn seed_policies(&self, seeds: &[(String, OrgPolicy)]) -> Result<(), StoreError>;
+    async fn put_policy(&self, org: &str, policy: &OrgPolicy) -> Result<(), StoreError>;
+    async fn delete_policy(&self, org: &str) -> Result<bool, StoreError>;
+
+    /// Tells every node that shared state changed.
+    async fn publish(&self, event: &str) -> Result<(), StoreError>;
+    /// Change events from every node (and a resync after a reconnect).
+    fn subscribe(&self) -> broadcast::Receiver<String>;
+}
+
+pub fn corrupt(key: impl Into<String>, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        key: key.into(),
+        reason: e.to_string(),
+    }
 }

@@ -9,7 +9,8 @@ use crate::registry::{Registry, Shape, PASSWORD, USER};
 
 pub struct TestApp {
     pub port: u16,
-    handle: actix_web::dev::ServerHandle,
+    pub admin_port: Option<u16>,
+    handles: Vec<actix_web::dev::ServerHandle>,
     pub client: awc::Client,
     _config_dir: tempfile::TempDir,
 }
@@ -57,8 +58,9 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        let handle = self.handle.clone();
-        actix_web::rt::spawn(async move { handle.stop(false).await });
+        for handle in self.handles.clone() {
+            actix_web::rt::spawn(async move { handle.stop(false).await });
+        }
     }
 }
 
@@ -153,11 +155,13 @@ pub async fn spawn_app(config: Config) -> TestApp {
     regatta::telemetry::init(&settings.log);
     let app = Application::build(settings).expect("gateway starts");
     let port = app.port();
-    let handle = app.handle();
+    let admin_port = app.admin_addr().map(|a| a.port());
+    let handles = app.handles();
     actix_web::rt::spawn(app.run_until_stopped());
     let app = TestApp {
         port,
-        handle,
+        admin_port,
+        handles,
         client: awc::Client::builder()
             .disable_redirects()
             .timeout(Duration::from_secs(60))

@@ -1,0 +1,403 @@
+//! The operator's API on its own listener, behind a bearer token: backends (health,
+//! drain, weight), org policies, cache purges. Every change is written to the store,
+//! announced to every node, applied here at once, and logged as one audit line.
+//!
+//! The OpenAPI description is `docs/admin-api.openapi.json`, served at
+//! `/admin/v1/openapi.json`.
+
+use std::sync::Arc;
+
+use actix_web::body::{BoxBody, EitherBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::StatusCode;
+use actix_web::middleware::Next;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::gateway::Gateway;
+use crate::oci::{Digest, RepoName};
+use crate::placement::Health;
+use crate::store::{AdminState, OrgPolicy, EVENT_RESYNC};
+use crate::topology::Org;
+
+pub const OPENAPI: &str = include_str!("../docs/admin-api.openapi.json");
+
+/// Published to every node when caches must forget something.
+pub const EVENT_PURGE_PREFIX: &str = "purge ";
+
+pub struct AdminToken(pub String);
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/admin/v1")
+            .wrap(actix_web::middleware::from_fn(require_token))
+            .route("/openapi.json", web::get().to(openapi))
+            .route("/backends", web::get().to(list_backends))
+            .route("/backends/{id}", web::get().to(get_backend))
+            .route("/backends/{id}/drain", web::post().to(drain))
+            .route("/backends/{id}/undrain", web::post().to(undrain))
+            .route("/backends/{id}/weight", web::put().to(set_weight))
+            .route("/orgs", web::get().to(list_orgs))
+            .route("/orgs/{name}", web::get().to(get_org))
+            .route("/orgs/{name}", web::put().to(put_org))
+            .route("/orgs/{name}", web::delete().to(delete_org))
+            .route("/purge", web::post().to(purge)),
+    );
+}
+
+/// Constant-time comparison: the time taken does not depend on where the tokens differ.
+fn same_token(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = given.len() ^ expected.len();
+    for (i, e) in expected.iter().enumerate() {
+        diff |= (given.get(i).copied().unwrap_or(0) ^ e) as usize;
+    }
+    diff == 0
+}
+
+async fn require_token(
+    req: ServiceRequest,
+    next: Next<BoxBody>,
+) -> Result<ServiceResponse<EitherBody<BoxBody>>, actix_web::Error> {
+    let expected = req
+        .app_data::<web::Data<AdminToken>>()
+        .map(|t| t.0.clone())
+        .unwrap_or_default();
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if expected.is_empty() || !same_token(given.as_bytes(), expected.as_bytes()) {
+        tracing::warn!(target: "regatta::audit", path = req.path(), peer = ?req.peer_addr(), "admin call refused: bad or missing token");
+        let response = HttpResponse::Unauthorized()
+            .insert_header(("WWW-Authenticate", "Bearer realm=\"regatta-admin\""))
+            .json(json!({ "error": "a valid bearer token is required" }));
+        return Ok(req.into_response(response).map_into_right_body());
+    }
+    next.call(req)
+        .await
+        .map(ServiceResponse::map_into_left_body)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> HttpResponse {
+    HttpResponse::build(status).json(json!({ "error": message.into() }))
+}
+
+fn unavailable(e: impl std::fmt::Display) -> HttpResponse {
+    tracing::warn!(error = %e, "admin change refused: store unavailable");
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("the shared store is unavailable, nothing was changed: {e}"),
+    )
+}
+
+fn audit(req: &HttpRequest, action: &str, subject: &str, detail: &str) {
+    tracing::info!(target: "regatta::audit", action, subject, detail, peer = ?req.peer_addr(), "admin change");
+}
+
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(OPENAPI)
+}
+
+#[derive(Serialize)]
+struct BackendView {
+    id: String,
+    url: String,
+    region: String,
+    delivery: &'static str,
+    health: Health,
+    /// `draining` when drained, else the health state.
+    status: &'static str,
+    latency_ms: f64,
+    weight: u32,
+    drained: bool,
+    checked_at_ms: Option<u64>,
+    checked_by: Option<String>,
+    reason: Option<String>,
+}
+
+fn backend_view(gw: &Gateway, idx: usize) -> BackendView {
+    let b = gw.topology.backend(idx);
+    let snapshot = gw.state.load();
+    let live = &snapshot.backends[idx];
+    let status = match (live.drained, live.health) {
+        (true, _) => "draining",
+        (false, Health::Up) => "up",
+        (false, Health::Degraded) => "degraded",
+        (false, Health::Down) => "down",
+    };
+    BackendView {
+        id: b.id.to_string(),
+        url: b.base.clone(),
+        region: b.region.clone(),
+        delivery: gw
+            .knowledge
+            .delivery(b.delivery, idx)
+            .map_or("auto", |d| d.as_str()),
+        health: live.health,
+        status,
+        latency_ms: live.latency_us as f64 / 1000.0,
+        weight: live.weight,
+        drained: live.drained,
+        checked_at_ms: live.record.as_ref().map(|r| r.checked_at_ms),
+        checked_by: live.record.as_ref().map(|r| r.node.clone()),
+        reason: live
+            .record
+            .as_ref()
+            .map(|r| r.reason.clone())
+            .filter(|r| !r.is_empty()),
+    }
+}
+
+async fn list_backends(gw: web::Data<Gateway>) -> HttpResponse {
+    let all: Vec<BackendView> = (0..gw.topology.backends.len())
+        .map(|i| backend_view(&gw, i))
+        .collect();
+    HttpResponse::Ok().json(json!({ "backends": all }))
+}
+
+fn backend_idx(gw: &Gateway, id: &str) -> Result<usize, HttpResponse> {
+    gw.topology
+        .index_of(id)
+        .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no backend '{id}'")))
+}
+
+async fn get_backend(gw: web::Data<Gateway>, id: web::Path<String>) -> HttpResponse {
+    match backend_idx(&gw, &id) {
+        Ok(idx) => HttpResponse::Ok().json(backend_view(&gw, idx)),
+        Err(r) => r,
+    }
+}
+
+/// Reads the backend's current decision from the store, changes it, writes it back,
+/// announces it, and applies it locally.
+async fn change_backend(
+    req: &HttpRequest,
+    gw: &Gateway,
+    id: &str,
+    action: &str,
+    change: impl FnOnce(&mut AdminState),
+) -> HttpResponse {
+    let idx = match backend_idx(gw, id) {
+        Ok(idx) => idx,
+        Err(r) => return r,
+    };
+    let mut state = match gw.store.admin_states().await {
+        Ok(all) => all.get(id).cloned().unwrap_or_default(),
+        Err(e) => return unavailable(e),
+    };
+    change(&mut state);
+    if let Err(e) = gw.store.set_admin_state(id, &state).await {
+        return unavailable(e);
+    }
+    gw.state
+        .apply_admin(idx, gw.topology.backend(idx).weight, &state);
+    if let Err(e) = gw.store.publish(EVENT_RESYNC).await {
+        tracing::warn!(error = %e, "change saved but not announced; nodes pick it up on their next refresh");
+    }
+    audit(req, action, id, &format!("{state:?}"));
+    HttpResponse::Ok().json(backend_view(gw, idx))
+}
+
+async fn drain(req: HttpRequest, gw: web::Data<Gateway>, id: web::Path<String>) -> HttpResponse {
+    change_backend(&req, &gw, &id, "drain", |s| s.drained = true).await
+}
+
+async fn undrain(req: HttpRequest, gw: web::Data<Gateway>, id: web::Path<String>) -> HttpResponse {
+    change_backend(&req, &gw, &id, "undrain", |s| s.drained = false).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightBody {
+    /// `null` returns to the configured weight.
+    weight: Option<u32>,
+}
+
+async fn set_weight(
+    req: HttpRequest,
+    gw: web::Data<Gateway>,
+    id: web::Path<String>,
+    body: web::Bytes,
+) -> HttpResponse {
+    let body: WeightBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("body must be {{\"weight\": N}}: {e}"),
+            )
+        }
+    };
+    change_backend(&req, &gw, &id, "set-weight", |s| s.weight = body.weight).await
+}
+
+fn org_json(name: &str, policy: &OrgPolicy) -> serde_json::Value {
+    json!({ "name": name, "backends": policy.backends, "tag_ttl": policy.tag_ttl, "prefixes": policy.prefixes })
+}
+
+async fn list_orgs(gw: web::Data<Gateway>) -> HttpResponse {
+    match gw.store.policies().await {
+        Ok(all) => {
+            let mut names: Vec<&String> = all.keys().collect();
+            names.sort();
+            let orgs: Vec<_> = names.into_iter().map(|n| org_json(n, &all[n])).collect();
+            HttpResponse::Ok().json(json!({ "orgs": orgs }))
+        }
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn get_org(gw: web::Data<Gateway>, name: web::Path<String>) -> HttpResponse {
+    match gw.store.policies().await {
+        Ok(all) => match all.get(name.as_str()) {
+            Some(p) => HttpResponse::Ok().json(org_json(&name, p)),
+            None => error(StatusCode::NOT_FOUND, format!("no org '{name}'")),
+        },
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn put_org(
+    req: HttpRequest,
+    gw: web::Data<Gateway>,
+    name: web::Path<String>,
+    body: web::Bytes,
+) -> HttpResponse {
+    let policy: OrgPolicy = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid org policy: {e}")),
+    };
+    if let Err(reason) = Org::from_policy(&name, &policy, &gw.topology) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("invalid org policy: {reason}"),
+        );
+    }
+    if let Err(e) = gw.store.put_policy(&name, &policy).await {
+        return unavailable(e);
+    }
+    announce_and_reload(&gw).await;
+    audit(&req, "put-org", &name, &format!("{policy:?}"));
+    HttpResponse::Ok().json(org_json(&name, &policy))
+}
+
+async fn delete_org(
+    req: HttpRequest,
+    gw: web::Data<Gateway>,
+    name: web::Path<String>,
+) -> HttpResponse {
+    match gw.store.delete_policy(&name).await {
+        Ok(true) => {
+            announce_and_reload(&gw).await;
+            audit(&req, "delete-org", &name, "");
+            HttpResponse::NoContent().finish()
+        }
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("no org '{name}'")),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn announce_and_reload(gw: &Gateway) {
+    if let Err(e) = gw.store.publish(EVENT_RESYNC).await {
+        tracing::warn!(error = %e, "change saved but not announced");
+    }
+    if let Err(e) = gw.state.reload(&gw.topology, &*gw.store).await {
+        tracing::warn!(error = %e, "change saved but this node could not reload yet");
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    /// Forget which backends hold this digest (every repository), its cached manifest
+    /// and its pre-signed URLs.
+    #[serde(default)]
+    pub digest: Option<Digest>,
+    /// Forget this repository's tag resolutions.
+    #[serde(default)]
+    pub repository: Option<String>,
+}
+
+async fn purge(req: HttpRequest, gw: web::Data<Gateway>, body: web::Bytes) -> HttpResponse {
+    let request: PurgeRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid purge request: {e}"),
+            )
+        }
+    };
+    let repo = match request
+        .repository
+        .as_deref()
+        .map(RepoName::parse)
+        .transpose()
+    {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("repository: {e}")),
+    };
+    if request.digest.is_none() && repo.is_none() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "name a digest, a repository, or both",
+        );
+    }
+    let removed = match gw.store.purge(request.digest.as_ref(), repo.as_ref()).await {
+        Ok(n) => n,
+        Err(e) => return unavailable(e),
+    };
+    gw.knowledge.purge(request.digest.as_ref(), repo.as_ref());
+    let event = format!(
+        "{EVENT_PURGE_PREFIX}{}",
+        serde_json::to_string(&request).unwrap_or_default()
+    );
+    if let Err(e) = gw.store.publish(&event).await {
+        tracing::warn!(error = %e, "purge done here but not announced to other nodes");
+    }
+    audit(
+        &req,
+        "purge",
+        request.repository.as_deref().unwrap_or(""),
+        &format!("{:?}", request.digest),
+    );
+    HttpResponse::Ok().json(json!({ "removed": removed }))
+}
+
+/// Applies a purge another node announced.
+pub fn apply_event(gw: &Arc<Gateway>, event: &str) {
+    if let Some(json) = event.strip_prefix(EVENT_PURGE_PREFIX) {
+        if let Ok(request) = serde_json::from_str::<PurgeRequest>(json) {
+            let repo = request
+                .repository
+                .as_deref()
+                .and_then(|r| RepoName::parse(r).ok());
+            gw.knowledge.purge(request.digest.as_ref(), repo.as_ref());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(same_token(b"secret-token-123", b"secret-token-123"));
+        assert!(!same_token(b"secret-token-124", b"secret-token-123"));
+        assert!(!same_token(b"secret-token-12", b"secret-token-123"));
+        assert!(!same_token(b"secret-token-1234", b"secret-token-123"));
+        assert!(!same_token(b"", b"secret-token-123"));
+    }
+
+    #[test]
+    fn openapi_document_is_json() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    }
+}

@@ -1,0 +1,220 @@
+//! The node's snapshot of what the cluster agrees on: backend health, admin decisions and
+//! org policy. Readers load it whole (ArcSwap); the refresher replaces it whole when the
+//! store announces a change and on a fixed interval.
+//!
+//! Architecture invariant: the request path reads health and policy only from here and
+//! never waits on the store for them. When the store is unreachable the last snapshot
+//! stays in force and the refresher keeps retrying.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+use crate::config::Settings;
+use crate::placement::Health;
+use crate::store::{AdminState, HealthRecord, OrgPolicy, Store, StoreError};
+use crate::topology::{Org, Topology};
+
+/// One backend as the cluster sees it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendLive {
+    pub health: Health,
+    pub latency_us: u32,
+    pub drained: bool,
+    pub weight: u32,
+    /// The last shared health record, if any node has probed it recently.
+    pub record: Option<HealthRecord>,
+}
+
+#[derive(Debug)]
+pub struct Snapshot {
+    /// By backend index.
+    pub backends: Vec<BackendLive>,
+    pub orgs: HashMap<String, Arc<Org>>,
+    pub loaded_at: Instant,
+}
+
+impl Snapshot {
+    /// What a node knows before it has read the store: configured weights and orgs, every
+    /// backend presumed up.
+    pub fn from_config(topology: &Topology, settings: &Settings) -> Snapshot {
+        let policies = config_policies(settings);
+        Snapshot::build(
+            topology,
+            &HashMap::new(),
+            &HashMap::new(),
+            &policies.into_iter().collect(),
+        )
+    }
+
+    pub fn build(
+        topology: &Topology,
+        admin: &HashMap<String, AdminState>,
+        health: &HashMap<String, HealthRecord>,
+        policies: &HashMap<String, OrgPolicy>,
+    ) -> Snapshot {
+        let backends = topology
+            .backends
+            .iter()
+            .map(|b| {
+                let decision = admin.get(&*b.id).cloned().unwrap_or_default();
+                let record = health.get(&*b.id).cloned();
+                BackendLive {
+                    health: record.as_ref().map_or(Health::Up, |r| r.state),
+                    latency_us: record.as_ref().map_or(0, |r| r.latency_us),
+                    drained: decision.drained,
+                    weight: decision.weight.unwrap_or(b.weight),
+                    record,
+                }
+            })
+            .collect();
+        let mut orgs = HashMap::new();
+        for (name, policy) in policies {
+            match Org::from_policy(name, policy, topology) {
+                Ok(org) => {
+                    orgs.insert(name.clone(), Arc::new(org));
+                }
+                Err(reason) => {
+                    tracing::warn!(org = %name, %reason, "ignoring an org policy this node cannot serve")
+                }
+            }
+        }
+        Snapshot {
+            backends,
+            orgs,
+            loaded_at: Instant::now(),
+        }
+    }
+}
+
+/// The configured orgs as policies: what seeds an empty store.
+pub fn config_policies(settings: &Settings) -> Vec<(String, OrgPolicy)> {
+    settings
+        .orgs
+        .iter()
+        .map(|o| {
+            (
+                o.name.clone(),
+                OrgPolicy {
+                    backends: o.backends.clone(),
+                    tag_ttl: humantime::format_duration(o.tag_ttl).to_string(),
+                    prefixes: o.prefixes.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+pub struct ClusterState {
+    snapshot: ArcSwap<Snapshot>,
+}
+
+impl ClusterState {
+    pub fn new(initial: Snapshot) -> ClusterState {
+        ClusterState {
+            snapshot: ArcSwap::from_pointee(initial),
+        }
+    }
+
+    pub fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    pub fn load_full(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Applies a health record this node just produced, without waiting for the store.
+    pub fn apply_health(&self, backend: usize, record: HealthRecord) {
+        self.snapshot.rcu(|current| {
+            let mut backends = current.backends.clone();
+            let live = &mut backends[backend];
+            live.health = record.state;
+            live.latency_us = record.latency_us;
+            live.record = Some(record.clone());
+            Arc::new(Snapshot {
+                backends,
+                orgs: current.orgs.clone(),
+                loaded_at: current.loaded_at,
+            })
+        });
+    }
+
+    /// Applies an admin decision this node just made, without waiting for the store.
+    pub fn apply_admin(&self, backend: usize, configured_weight: u32, state: &AdminState) {
+        self.snapshot.rcu(|current| {
+            let mut backends = current.backends.clone();
+            backends[backend].drained = state.drained;
+            backends[backend].weight = state.weight.unwrap_or(configured_weight);
+            Arc::new(Snapshot {
+                backends,
+                orgs: current.orgs.clone(),
+                loaded_at: current.loaded_at,
+            })
+        });
+    }
+
+    /// Reads everything shared from the store and swaps in a new snapshot.
+    pub async fn reload(&self, topology: &Topology, store: &dyn Store) -> Result<(), StoreError> {
+        let admin = store.admin_states().await?;
+        let health = store.health().await?;
+        let policies = store.policies().await?;
+        let next = Snapshot::build(topology, &admin, &health, &policies);
+        let previous = self.snapshot.swap(Arc::new(next));
+        if previous.orgs.len() != self.load().orgs.len() {
+            tracing::info!(orgs = self.load().orgs.len(), "org policies changed");
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the snapshot current: reload on every change event and every `interval`; on
+/// failure keep the last snapshot and retry with backoff.
+pub async fn run_refresher(
+    state: Arc<ClusterState>,
+    topology: Arc<Topology>,
+    store: Arc<dyn Store>,
+    seeds: Vec<(String, OrgPolicy)>,
+    interval: Duration,
+    on_event: impl Fn(&str),
+) {
+    let mut events = store.subscribe();
+    let mut seeded = false;
+    let mut healthy = true;
+    loop {
+        if !seeded {
+            match store.seed_policies(&seeds).await {
+                Ok(()) => seeded = true,
+                Err(e) => tracing::warn!(error = %e, "cannot seed org policies yet"),
+            }
+        }
+        let wait = match state.reload(&topology, &*store).await {
+            Ok(()) => {
+                if !healthy {
+                    tracing::info!("store reachable again; snapshot reloaded");
+                    healthy = true;
+                }
+                interval
+            }
+            Err(e) => {
+                if healthy {
+                    tracing::warn!(error = %e, "store unreachable; serving from the last snapshot");
+                    healthy = false;
+                }
+                interval.min(Duration::from_millis(500))
+            }
+        };
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(event) => on_event(&event),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => events = store.subscribe(),
+                // Missed some: the reload below catches up on everything but purges,
+                // which expire on their own.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            },
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
