@@ -160,16 +160,16 @@ async fn list_backends(gw: web::Data<Gateway>) -> HttpResponse {
     HttpResponse::Ok().json(json!({ "backends": all }))
 }
 
-fn backend_idx(gw: &Gateway, id: &str) -> Result<usize, HttpResponse> {
+fn backend_idx(gw: &Gateway, id: &str) -> Result<usize, Box<HttpResponse>> {
     gw.topology
         .index_of(id)
-        .ok_or_else(|| error(StatusCode::NOT_FOUND, format!("no backend '{id}'")))
+        .ok_or_else(|| Box::new(error(StatusCode::NOT_FOUND, format!("no backend '{id}'"))))
 }
 
 async fn get_backend(gw: web::Data<Gateway>, id: web::Path<String>) -> HttpResponse {
     match backend_idx(&gw, &id) {
         Ok(idx) => HttpResponse::Ok().json(backend_view(&gw, idx)),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -184,7 +184,7 @@ async fn change_backend(
 ) -> HttpResponse {
     let idx = match backend_idx(gw, id) {
         Ok(idx) => idx,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let mut state = match gw.store.admin_states().await {
         Ok(all) => all.get(id).cloned().unwrap_or_default(),

@@ -65,9 +65,8 @@ pub fn fold(
         }
         Probe::Failed { reason } => {
             let fail_streak = fail_streak.saturating_add(1);
-            let next = if fail_streak >= settings.fall {
-                Health::Down
-            } else if state == Health::Down {
+            // Down stays down until `rise` successes; up falls after `fall` failures.
+            let next = if fail_streak >= settings.fall || state == Health::Down {
                 Health::Down
             } else {
                 Health::Degraded

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_cli;
 pub mod api_error;
 pub mod cluster;
 pub mod config;

@@ -28,10 +28,39 @@ enum Command {
     },
     /// Check a configuration file and name every problem in it.
     CheckConfig { file: PathBuf },
+    /// Operate a cluster through a node's admin API.
+    Admin {
+        /// The admin listener of any node.
+        #[arg(
+            long,
+            env = "REGATTA_ADMIN_URL",
+            default_value = "http://127.0.0.1:5001"
+        )]
+        url: String,
+        /// The admin token (`[admin] token`).
+        #[arg(long, env = "REGATTA_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+        #[command(subcommand)]
+        command: regatta::admin_cli::AdminCommand,
+    },
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Admin {
+            url,
+            token,
+            command,
+        } => match regatta::admin_cli::run(&url, &token, command) {
+            Ok(text) => {
+                println!("{}", text.trim_end());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("regatta admin: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::CheckConfig { file } => match Settings::load(Some(&file), std::env::vars()) {
             Ok(s) => {
                 println!(

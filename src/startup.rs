@@ -133,36 +133,33 @@ impl Application {
             .collect()
     }
 
-    /// Serves until the servers are stopped; the background tasks end with them.
+    /// Serves until the servers are stopped. The background tasks (snapshot refresher,
+    /// health prober) run on a thread of their own, so a busy worker never delays them.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let gw = self.gateway.clone().into_inner();
         let bg = self.background;
         tracing::info!(node = %bg.node_id, store = gw.store.kind(), "node starting");
-        let refresher = {
-            let gw = gw.clone();
+        let background = actix_rt::Arbiter::new();
+        background.spawn_fn(move || {
+            let refresher_gw = gw.clone();
             let (state, topology, store) =
                 (gw.state.clone(), gw.topology.clone(), gw.store.clone());
             actix_web::rt::spawn(async move {
                 cluster::run_refresher(state, topology, store, bg.seeds, bg.refresh_interval, |e| {
-                    admin::apply_event(&gw, e)
+                    admin::apply_event(&refresher_gw, e)
                 })
                 .await
-            })
-        };
-        let prober = actix_web::rt::spawn(health::run_prober(
-            gw.clone(),
-            Upstream::new(&bg.upstream, gw.auth.clone()),
-            bg.health,
-            bg.node_id,
-        ));
+            });
+            let upstream = Upstream::new(&bg.upstream, gw.auth.clone());
+            actix_web::rt::spawn(health::run_prober(gw, upstream, bg.health, bg.node_id));
+        });
         let result = match self.admin {
             Some((admin, _)) => futures_util::future::try_join(self.server, admin)
                 .await
                 .map(|_| ()),
             None => self.server.await,
         };
-        refresher.abort();
-        prober.abort();
+        background.stop();
         result
     }
 }

@@ -171,23 +171,40 @@ impl Upstream {
         auth: Option<&HeaderValue>,
     ) -> Result<Response, UpstreamError> {
         let url = format!("{}{}", backend.base, call.path);
-        let mut request = self.client.request(call.method.clone(), &url);
-        for (name, value) in &call.headers {
-            request = request.append_header((name.clone(), value.clone()));
+        let request = || {
+            let mut request = self.client.request(call.method.clone(), &url);
+            for (name, value) in &call.headers {
+                request = request.append_header((name.clone(), value.clone()));
+            }
+            if let Some(value) = auth {
+                request = request.insert_header((header::AUTHORIZATION, value.clone()));
+            }
+            if call.raw {
+                request = request.no_decompress();
+            }
+            request
+        };
+        let failed = |e: awc::error::SendRequestError| UpstreamError::Unreachable {
+            backend: backend.id.clone(),
+            reason: e.to_string(),
+        };
+        match request().send().await {
+            Ok(response) => Ok(response),
+            // A pooled keep-alive connection the backend had already closed: the calls are
+            // all GET or HEAD, so one retry on a fresh connection is safe. Failing to
+            // connect at all is an answer in itself.
+            Err(e)
+                if !matches!(
+                    e,
+                    awc::error::SendRequestError::Connect(_)
+                        | awc::error::SendRequestError::Timeout
+                ) =>
+            {
+                tracing::debug!(backend = &*backend.id, error = %e, "retrying on a fresh connection");
+                request().send().await.map_err(failed)
+            }
+            Err(e) => Err(failed(e)),
         }
-        if let Some(value) = auth {
-            request = request.insert_header((header::AUTHORIZATION, value.clone()));
-        }
-        if call.raw {
-            request = request.no_decompress();
-        }
-        request
-            .send()
-            .await
-            .map_err(|e| UpstreamError::Unreachable {
-                backend: backend.id.clone(),
-                reason: e.to_string(),
-            })
     }
 
     /// The `Authorization` value for a call needing `scope`, if the backend wants one.

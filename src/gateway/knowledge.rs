@@ -53,6 +53,9 @@ impl Detected {
     }
 }
 
+/// How long the store is left alone after a failed call.
+const STORE_QUIET_MS: u64 = 1_000;
+
 pub struct Knowledge {
     store: Arc<dyn Store>,
     holder_ttl: Duration,
@@ -64,6 +67,8 @@ pub struct Knowledge {
     sizes: Cache<Digest, u64>,
     resolved: Cache<(BackendIdx, Digest), (Arc<str>, Instant)>,
     detected: Vec<AtomicU8>,
+    /// Until when (Unix ms) the store is left alone after failing.
+    store_quiet_until: Arc<AtomicU64>,
     /// Per backend, until when (Unix ms) it counts as down after failing to answer.
     down_until: Vec<AtomicU64>,
     failure_backoff: Duration,
@@ -101,6 +106,7 @@ impl Knowledge {
                 .build(),
             detected: ids.iter().map(|_| AtomicU8::new(0)).collect(),
             down_until: ids.iter().map(|_| AtomicU64::new(0)).collect(),
+            store_quiet_until: Arc::new(AtomicU64::new(0)),
             failure_backoff: settings.failure_backoff,
             ids,
         }
@@ -136,6 +142,9 @@ impl Knowledge {
         digest: &Digest,
         out: &mut [Holding],
     ) {
+        if !self.store_usable() {
+            return;
+        }
         let ids: Vec<&str> = org.backends.iter().map(|&b| &*self.ids[b]).collect();
         match self.store.holdings(name, digest, &ids).await {
             Ok(shared) => {
@@ -146,8 +155,46 @@ impl Knowledge {
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "holder lookup in the store failed"),
+            Err(e) => self.store_failed("holder lookup", &e),
         }
+    }
+
+    /// After a store failure, reads skip the store for a moment: a dead store must not
+    /// add its timeout to every request.
+    fn store_usable(&self) -> bool {
+        self.store_quiet_until.load(Ordering::Relaxed) <= unix_ms(SystemTime::now())
+    }
+
+    fn store_failed(&self, what: &str, e: &crate::store::StoreError) {
+        let until = unix_ms(SystemTime::now()) + STORE_QUIET_MS;
+        let previous = self.store_quiet_until.swap(until, Ordering::Relaxed);
+        if previous <= unix_ms(SystemTime::now()) {
+            tracing::warn!(error = %e, what, "store call failed; using local knowledge only for a moment");
+        }
+    }
+
+    /// Writes a fact to the store off the request path.
+    fn write_behind<F>(&self, what: &'static str, write: F)
+    where
+        F: std::future::Future<Output = Result<(), crate::store::StoreError>> + Send + 'static,
+    {
+        if !self.store_usable() {
+            return;
+        }
+        let quiet = self.store_quiet_until_handle();
+        tokio::spawn(async move {
+            if let Err(e) = write.await {
+                quiet.store(
+                    unix_ms(SystemTime::now()) + STORE_QUIET_MS,
+                    Ordering::Relaxed,
+                );
+                tracing::debug!(error = %e, what, "store write failed");
+            }
+        });
+    }
+
+    fn store_quiet_until_handle(&self) -> Arc<AtomicU64> {
+        self.store_quiet_until.clone()
     }
 
     fn remember_locally(
@@ -190,25 +237,27 @@ impl Knowledge {
             }
         }
         self.remember_locally(name, digest, backend, holding);
-        if let Err(e) = self
-            .store
-            .record_holding(
-                name,
-                digest,
-                &self.ids[backend],
-                holding,
-                self.ttl_for(holding),
-            )
-            .await
-        {
-            tracing::warn!(error = %e, "recording a holder in the store failed");
-        }
+        let (store, name, digest, id, ttl) = (
+            self.store.clone(),
+            name.clone(),
+            digest.clone(),
+            self.ids[backend].clone(),
+            self.ttl_for(holding),
+        );
+        self.write_behind("record holder", async move {
+            store
+                .record_holding(&name, &digest, &id, holding, ttl)
+                .await
+        });
     }
 
     /// The last resolution of a tag, from this node or the store.
     pub async fn tag(&self, name: &RepoName, tag: &Tag) -> Option<TagRecord> {
         if let Some(record) = self.tags.get(&(name.clone(), tag.clone())) {
             return Some(record);
+        }
+        if !self.store_usable() {
+            return None;
         }
         match self.store.tag(name, tag).await {
             Ok(Some(record)) => {
@@ -218,7 +267,7 @@ impl Knowledge {
             }
             Ok(None) => None,
             Err(e) => {
-                tracing::warn!(error = %e, "tag lookup in the store failed");
+                self.store_failed("tag lookup", &e);
                 None
             }
         }
@@ -227,13 +276,15 @@ impl Knowledge {
     pub async fn learn_tag(&self, name: &RepoName, tag: &Tag, record: TagRecord) {
         self.tags
             .insert((name.clone(), tag.clone()), record.clone());
-        if let Err(e) = self
-            .store
-            .record_tag(name, tag, &record, self.stale_tag_ttl)
-            .await
-        {
-            tracing::warn!(error = %e, "recording a tag in the store failed");
-        }
+        let (store, name, tag, keep) = (
+            self.store.clone(),
+            name.clone(),
+            tag.clone(),
+            self.stale_tag_ttl,
+        );
+        self.write_behind("record tag", async move {
+            store.record_tag(&name, &tag, &record, keep).await
+        });
     }
 
     pub fn manifest(&self, digest: &Digest) -> Option<Arc<Manifest>> {

@@ -13,7 +13,8 @@
 //! - channel `regatta:events`: change notices; any message makes nodes reload their snapshot.
 
 use std::collections::HashMap;
-use std::sync::Once;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Once};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -22,7 +23,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, OnceCell};
+use tokio::sync::{broadcast, oneshot, OnceCell};
 
 use super::{
     corrupt, unix_ms, AdminState, HealthRecord, OrgPolicy, Store, StoreError, TagRecord,
@@ -99,12 +100,25 @@ enum Conn {
     Cluster(ClusterConnection),
 }
 
+/// The store. Its connections live on a runtime of their own (one thread), so Redis I/O
+/// never depends on a busy or blocked HTTP worker; calls hop there and back.
 pub struct RedisStore {
+    shared: Arc<Shared>,
+    runtime: tokio::runtime::Handle,
+    shutdown: Option<oneshot::Sender<()>>,
+    subscriber: Once,
+}
+
+struct Shared {
     target: RedisTarget,
     conn: OnceCell<Conn>,
     events: broadcast::Sender<String>,
-    subscriber: Once,
-    errors: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    errors: AtomicU64,
+}
+
+enum Request {
+    Cmd(Cmd),
+    Pipe(redis::Pipeline),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -115,62 +129,62 @@ struct Expiring<T> {
 
 impl RedisStore {
     pub fn new(target: RedisTarget) -> RedisStore {
+        let (shutdown, stopped) = oneshot::channel::<()>();
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("regatta-redis".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for redis I/O");
+                let _ = handle_tx.send(runtime.handle().clone());
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })
+            .expect("spawn the redis I/O thread");
+        let runtime = handle_rx.recv().expect("the redis I/O thread starts");
         RedisStore {
-            target,
-            conn: OnceCell::new(),
-            events: broadcast::channel(256).0,
+            shared: Arc::new(Shared {
+                target,
+                conn: OnceCell::new(),
+                events: broadcast::channel(256).0,
+                errors: AtomicU64::new(0),
+            }),
+            runtime,
+            shutdown: Some(shutdown),
             subscriber: Once::new(),
-            errors: Default::default(),
         }
     }
 
     /// Commands that failed since start (connection errors, timeouts).
     pub fn error_count(&self) -> u64 {
-        self.errors.load(std::sync::atomic::Ordering::Relaxed)
+        self.shared.errors.load(Ordering::Relaxed)
     }
 
-    async fn connect(target: &RedisTarget) -> redis::RedisResult<Conn> {
-        match target {
-            RedisTarget::Standalone(url) => {
-                let client = redis::Client::open(url.as_str())?;
-                Ok(Conn::Single(
-                    client.get_connection_manager_lazy(manager_config())?,
-                ))
-            }
-            RedisTarget::Sentinel { .. } => {
-                let client = master_client(target).await?;
-                Ok(Conn::Single(
-                    client.get_connection_manager_lazy(manager_config())?,
-                ))
-            }
-            RedisTarget::Cluster { nodes } => {
-                let client = redis::cluster::ClusterClient::builder(nodes.clone())
-                    .connection_timeout(CONNECT_TIMEOUT)
-                    .response_timeout(RESPONSE_TIMEOUT)
-                    .retries(1)
-                    .build()?;
-                Ok(Conn::Cluster(client.get_async_connection().await?))
-            }
-        }
+    async fn exec(&self, request: Request) -> Result<redis::Value, StoreError> {
+        let shared = self.shared.clone();
+        let joined = self
+            .runtime
+            .spawn(async move { shared.exec(request).await })
+            .await;
+        let result = joined.unwrap_or_else(|e| {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "redis task failed",
+                e.to_string(),
+            )))
+        });
+        result.map_err(|e| {
+            self.shared.errors.fetch_add(1, Ordering::Relaxed);
+            StoreError::Unavailable(e.to_string())
+        })
     }
 
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
-        let result = async {
-            let conn = self
-                .conn
-                .get_or_try_init(|| Self::connect(&self.target))
-                .await?;
-            match conn.clone() {
-                Conn::Single(mut c) => cmd.query_async(&mut c).await,
-                Conn::Cluster(mut c) => cmd.query_async(&mut c).await,
-            }
-        }
-        .await;
-        result.map_err(|e| {
-            self.errors
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            StoreError::Unavailable(e.to_string())
-        })
+        let value = self.exec(Request::Cmd(cmd.clone())).await?;
+        T::from_redis_value(value).map_err(|e| corrupt("reply", e))
     }
 
     async fn hash_json<T: for<'de> Deserialize<'de>>(
@@ -201,12 +215,11 @@ impl RedisStore {
     /// Relays `regatta:events` into the local channel, reconnecting with backoff; each
     /// (re)subscription is followed by a resync, so nothing missed while away stays missed.
     fn start_subscriber(&self) {
-        let target = self.target.clone();
-        let events = self.events.clone();
-        tokio::spawn(async move {
+        let shared = self.shared.clone();
+        self.runtime.spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
-                match subscribe_once(&target, &events).await {
+                match subscribe_once(&shared.target, &shared.events).await {
                     Ok(()) => {
                         tracing::warn!("redis event subscription ended; reconnecting");
                         backoff = Duration::from_millis(100);
@@ -219,6 +232,54 @@ impl RedisStore {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         });
+    }
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+impl Shared {
+    async fn connect(target: &RedisTarget) -> redis::RedisResult<Conn> {
+        match target {
+            RedisTarget::Standalone(url) => {
+                let client = redis::Client::open(url.as_str())?;
+                Ok(Conn::Single(
+                    client.get_connection_manager_lazy(manager_config())?,
+                ))
+            }
+            RedisTarget::Sentinel { .. } => {
+                let client = master_client(target).await?;
+                Ok(Conn::Single(
+                    client.get_connection_manager_lazy(manager_config())?,
+                ))
+            }
+            RedisTarget::Cluster { nodes } => {
+                let client = redis::cluster::ClusterClient::builder(nodes.clone())
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(RESPONSE_TIMEOUT)
+                    .retries(1)
+                    .build()?;
+                Ok(Conn::Cluster(client.get_async_connection().await?))
+            }
+        }
+    }
+
+    async fn exec(&self, request: Request) -> redis::RedisResult<redis::Value> {
+        let conn = self
+            .conn
+            .get_or_try_init(|| Self::connect(&self.target))
+            .await?;
+        match (conn.clone(), request) {
+            (Conn::Single(mut c), Request::Cmd(cmd)) => cmd.query_async(&mut c).await,
+            (Conn::Single(mut c), Request::Pipe(p)) => p.query_async(&mut c).await,
+            (Conn::Cluster(mut c), Request::Cmd(cmd)) => cmd.query_async(&mut c).await,
+            (Conn::Cluster(mut c), Request::Pipe(p)) => p.query_async(&mut c).await,
+        }
     }
 }
 
@@ -350,20 +411,7 @@ impl Store for RedisStore {
             .arg(ttl.as_secs().max(1))
             .arg("NX")
             .ignore();
-        let conn = self
-            .conn
-            .get_or_try_init(|| Self::connect(&self.target))
-            .await;
-        let result = match conn {
-            Ok(Conn::Single(c)) => pipe.query_async::<()>(&mut c.clone()).await,
-            Ok(Conn::Cluster(c)) => pipe.query_async::<()>(&mut c.clone()).await,
-            Err(e) => Err(e),
-        };
-        result.map_err(|e| {
-            self.errors
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            StoreError::Unavailable(e.to_string())
-        })
+        self.exec(Request::Pipe(pipe)).await.map(|_| ())
     }
 
     async fn tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<TagRecord>, StoreError> {
@@ -488,7 +536,7 @@ impl Store for RedisStore {
     }
 
     fn subscribe(&self) -> broadcast::Receiver<String> {
-        let receiver = self.events.subscribe();
+        let receiver = self.shared.events.subscribe();
         self.subscriber.call_once(|| self.start_subscriber());
         receiver
     }

@@ -14,7 +14,7 @@ async fn bad_requests_get_oci_errors() {
     let work = tempfile::tempdir().unwrap();
     let image = images::multiarch(&work.path().join("image"), "errors", "1.0", 1, 0);
     registry.push(&image, "acme/app", "1.0");
-    let app = spawn_app(Config::new().backend("hub", &registry, "direct").org(
+    let app = spawn_app(&Config::new().backend("hub", &registry, "direct").org(
         "acme",
         &["hub"],
         "30s",
@@ -83,7 +83,7 @@ async fn bad_requests_get_oci_errors() {
 #[actix_web::test]
 async fn a_dead_backend_is_a_503_with_retry_after() {
     let mut registry = Registry::start(Shape::Anonymous, None);
-    let app = spawn_app(Config::new().backend("hub", &registry, "direct").org(
+    let app = spawn_app(&Config::new().backend("hub", &registry, "direct").org(
         "acme",
         &["hub"],
         "30s",

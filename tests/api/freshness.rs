@@ -21,7 +21,7 @@ async fn stale_mirror_never_serves_an_old_tag() {
     hub.push(&new, "acme/app", "1.0");
 
     let app = spawn_app(
-        Config::new()
+        &Config::new()
             .backend("hub", &hub, "direct")
             .backend("mirror", &mirror, "direct")
             .org(
@@ -65,7 +65,7 @@ async fn authority_down_serves_the_last_known_digest_marked_stale() {
     hub.push(&image, "acme/app", "1.0");
     mirror.push(&image, "acme-images/app", "1.0");
     let app = spawn_app(
-        Config::new()
+        &Config::new()
             .backend("hub", &hub, "direct")
             .backend("mirror", &mirror, "direct")
             .org(

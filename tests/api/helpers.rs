@@ -38,11 +38,71 @@ impl TestApp {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Answer {
-        let mut req = self.client.request(method, self.url(path));
+        self.send(method, self.url(path), headers, None).await
+    }
+
+    /// A call to the admin API with the admin token.
+    pub async fn admin(
+        &self,
+        method: awc::http::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Answer {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        self.admin_as(method, path, body, Some(&auth)).await
+    }
+
+    /// A call to the admin API with the given `Authorization` (or none).
+    pub async fn admin_as(
+        &self,
+        method: awc::http::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+        authorization: Option<&str>,
+    ) -> Answer {
+        let url = format!("{}{path}", self.admin_url());
+        let headers: Vec<(&str, &str)> = authorization
+            .map(|a| ("authorization", a))
+            .into_iter()
+            .collect();
+        self.send(method, url, &headers, body).await
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!(
+            "http://127.0.0.1:{}",
+            self.admin_port.expect("node started with .admin()")
+        )
+    }
+
+    /// The backend a node chooses for a blob GET now.
+    pub async fn blob_backend(&self, repo: &str, digest: &str) -> String {
+        let answer = self.get(&format!("/v2/{repo}/blobs/{digest}")).await;
+        assert!(
+            answer.status == 307 || answer.status == 200,
+            "blob GET answered {}: {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        );
+        answer.backend().to_owned()
+    }
+
+    async fn send(
+        &self,
+        method: awc::http::Method,
+        url: String,
+        headers: &[(&str, &str)],
+        body: Option<serde_json::Value>,
+    ) -> Answer {
+        let mut req = self.client.request(method, url);
         for (k, v) in headers {
             req = req.append_header((*k, *v));
         }
-        let mut resp = req.send().await.expect("gateway answers");
+        let mut resp = match body {
+            Some(b) => req.send_json(&b).await,
+            None => req.send().await,
+        }
+        .expect("gateway answers");
         let body = resp
             .body()
             .limit(64 * 1024 * 1024)
@@ -99,21 +159,78 @@ impl Answer {
 
 /// Builds gateway configuration text.
 pub struct Config {
+    region: String,
+    sections: String,
     text: String,
 }
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
 impl Config {
     pub fn new() -> Config {
         Config {
-            text: "[server]\nlisten = \"127.0.0.1:0\"\nregion = \"eu\"\nworkers = 2\n[log]\nformat = \"pretty\"\nfilter = \"warn\"\n"
-                .into(),
+            region: "eu".into(),
+            sections: "[log]\nformat = \"pretty\"\nfilter = \"warn\"\n".into(),
+            text: String::new(),
         }
     }
 
+    pub fn region(mut self, region: &str) -> Config {
+        self.region = region.into();
+        self
+    }
+
+    /// Shared state in the Redis at `url`.
+    pub fn redis(mut self, url: &str) -> Config {
+        self.sections
+            .push_str(&format!("[store]\ntype = \"redis\"\nurl = \"{url}\"\n"));
+        self
+    }
+
+    /// An admin listener on a free port, with `ADMIN_TOKEN`.
+    pub fn admin(mut self) -> Config {
+        self.sections.push_str(&format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\"\n"
+        ));
+        self
+    }
+
+    /// Health checks every `interval`, down after `fall` failures.
+    pub fn health(mut self, interval: &str, fall: u32) -> Config {
+        self.sections.push_str(&format!(
+            "[health]\ninterval = \"{interval}\"\ntimeout = \"1s\"\nfall = {fall}\nrise = 2\n"
+        ));
+        self
+    }
+
+    /// Periodic full reload of the shared state.
+    pub fn refresh(mut self, interval: &str) -> Config {
+        self.sections
+            .push_str(&format!("[cluster]\nrefresh_interval = \"{interval}\"\n"));
+        self
+    }
+
+    fn render(&self) -> String {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nregion = \"{}\"\nworkers = 2\n{}{}",
+            self.region, self.sections, self.text
+        )
+    }
+
     /// A backend for `registry`, with credentials when its shape needs them.
-    pub fn backend(mut self, id: &str, registry: &Registry, delivery: &str) -> Config {
+    pub fn backend(self, id: &str, registry: &Registry, delivery: &str) -> Config {
+        self.backend_in(id, registry, delivery, "eu")
+    }
+
+    pub fn backend_in(
+        mut self,
+        id: &str,
+        registry: &Registry,
+        delivery: &str,
+        region: &str,
+    ) -> Config {
         self.text.push_str(&format!(
-            "[[backends]]\nid = \"{id}\"\nurl = \"{}\"\nregion = \"eu\"\ndelivery = \"{delivery}\"\n",
+            "[[backends]]\nid = \"{id}\"\nurl = \"{}\"\nregion = \"{region}\"\ndelivery = \"{delivery}\"\n",
             registry.url()
         ));
         if registry.shape == Shape::Htpasswd || registry.shape == Shape::TokenWithCdn {
@@ -146,12 +263,13 @@ impl Config {
     }
 }
 
-pub async fn spawn_app(config: Config) -> TestApp {
+pub async fn spawn_app(config: &Config) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("regatta.toml");
-    std::fs::write(&path, &config.text).unwrap();
+    let text = config.render();
+    std::fs::write(&path, &text).unwrap();
     let settings = Settings::load(Some(&path), std::iter::empty())
-        .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{}", config.text));
+        .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{text}"));
     regatta::telemetry::init(&settings.log);
     let app = Application::build(settings).expect("gateway starts");
     let port = app.port();

@@ -12,7 +12,7 @@ async fn tags_list_paginates_with_the_gateway_name() {
     for tag in ["1.0", "1.1", "2.0"] {
         registry.push(&image, "acme-images/app", tag);
     }
-    let app = spawn_app(Config::new().backend("hub", &registry, "direct").org(
+    let app = spawn_app(&Config::new().backend("hub", &registry, "direct").org(
         "acme",
         &["hub"],
         "30s",
@@ -52,7 +52,7 @@ async fn referrers_list_the_artifact_and_filter_by_type() {
     registry
         .push_artifact("acme/app", &sbom, &subject.digest)
         .await;
-    let app = spawn_app(Config::new().backend("hub", &registry, "direct").org(
+    let app = spawn_app(&Config::new().backend("hub", &registry, "direct").org(
         "acme",
         &["hub"],
         "30s",

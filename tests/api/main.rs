@@ -5,9 +5,12 @@ mod clients;
 mod helpers;
 mod images;
 mod procs;
+mod redis_server;
 mod registry;
 
+mod admin;
 mod cli;
+mod cluster;
 mod errors;
 mod freshness;
 mod listing;

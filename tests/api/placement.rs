@@ -14,7 +14,7 @@ async fn every_request_goes_to_the_only_holder() {
     holder.push(&image, "acme/app", "1.0");
     // The holder is second in policy order: only digests can find it.
     let app = spawn_app(
-        Config::new()
+        &Config::new()
             .backend("empty", &empty, "direct")
             .backend("holder", &holder, "direct")
             .org("acme", &["empty", "holder"], "30s", &[]),
@@ -57,7 +57,7 @@ async fn unknown_holders_are_probed_and_remembered() {
     let image = images::multiarch(&work.path().join("image"), "probe", "1.0", 2, 1024);
     b.push(&image, "acme/app", "1.0");
     let app = spawn_app(
-        Config::new()
+        &Config::new()
             .backend("a", &a, "direct")
             .backend("b", &b, "direct")
             .org("acme", &["a", "b"], "30s", &[]),

@@ -65,7 +65,7 @@ async fn every_client_pulls_through(shape: Shape) {
     let seed = format!("{shape:?}-{}", std::process::id()).to_lowercase();
     let image = images::multiarch(&work.path().join("image"), &seed, "1.0", 3, 256 * 1024);
     registry.push(&image, "acme/app", "1.0");
-    let app = spawn_app(Config::new().backend("hub", &registry, "auto").org(
+    let app = spawn_app(&Config::new().backend("hub", &registry, "auto").org(
         "acme",
         &["hub"],
         "30s",

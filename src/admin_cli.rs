@@ -1,0 +1,133 @@
+//! `regatta admin ...`: the admin API from the command line.
+
+use std::time::Duration;
+
+use clap::Subcommand;
+use serde_json::Value;
+
+#[derive(Subcommand, Debug)]
+pub enum AdminCommand {
+    /// Every backend: health, latency, weight, drain state.
+    Backends,
+    /// Stop sending traffic to a backend, on every node.
+    Drain { id: String },
+    /// Send traffic to a drained backend again.
+    Undrain { id: String },
+    /// Override a backend's weight; `default` returns to the configured one.
+    Weight { id: String, weight: String },
+    /// Every org policy.
+    Orgs,
+    /// One org policy.
+    Org { name: String },
+    /// Create or replace an org policy from a JSON file
+    /// (`{"backends": [...], "tag_ttl": "30s", "prefixes": {...}}`).
+    PutOrg {
+        name: String,
+        file: std::path::PathBuf,
+    },
+    /// Stop serving an org.
+    DeleteOrg { name: String },
+    /// Forget holders of a digest and/or a repository's tag resolutions, on every node.
+    Purge {
+        #[arg(long)]
+        digest: Option<String>,
+        #[arg(long)]
+        repository: Option<String>,
+    },
+}
+
+/// Runs one admin command against `url`; returns the text to print or an error message.
+pub fn run(url: &str, token: &str, command: AdminCommand) -> Result<String, String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    actix_web::rt::System::new().block_on(call(url.trim_end_matches('/'), token, command))
+}
+
+async fn call(url: &str, token: &str, command: AdminCommand) -> Result<String, String> {
+    use awc::http::Method;
+    let (method, path, body): (Method, String, Option<Value>) = match &command {
+        AdminCommand::Backends => (Method::GET, "/backends".into(), None),
+        AdminCommand::Drain { id } => (Method::POST, format!("/backends/{id}/drain"), None),
+        AdminCommand::Undrain { id } => (Method::POST, format!("/backends/{id}/undrain"), None),
+        AdminCommand::Weight { id, weight } => {
+            let w = if weight == "default" {
+                Value::Null
+            } else {
+                Value::from(
+                    weight
+                        .parse::<u32>()
+                        .map_err(|_| format!("weight '{weight}' is not a number or 'default'"))?,
+                )
+            };
+            (
+                Method::PUT,
+                format!("/backends/{id}/weight"),
+                Some(serde_json::json!({ "weight": w })),
+            )
+        }
+        AdminCommand::Orgs => (Method::GET, "/orgs".into(), None),
+        AdminCommand::Org { name } => (Method::GET, format!("/orgs/{name}"), None),
+        AdminCommand::PutOrg { name, file } => {
+            let text =
+                std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let policy: Value =
+                serde_json::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+            (Method::PUT, format!("/orgs/{name}"), Some(policy))
+        }
+        AdminCommand::DeleteOrg { name } => (Method::DELETE, format!("/orgs/{name}"), None),
+        AdminCommand::Purge { digest, repository } => (
+            Method::POST,
+            "/purge".into(),
+            Some(serde_json::json!({ "digest": digest, "repository": repository })),
+        ),
+    };
+    let client = awc::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .finish();
+    let request = client
+        .request(method, format!("{url}/admin/v1{path}"))
+        .insert_header(("Authorization", format!("Bearer {token}")));
+    let mut response = match body {
+        Some(b) => request.send_json(&b).await,
+        None => request.send().await,
+    }
+    .map_err(|e| format!("{url}: {e}"))?;
+    let status = response.status();
+    let bytes = response.body().await.map_err(|e| e.to_string())?;
+    let value: Value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+    };
+    if !status.is_success() {
+        let reason = value["error"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+        return Err(format!("{status}: {reason}"));
+    }
+    Ok(match command {
+        AdminCommand::Backends => backends_table(&value),
+        AdminCommand::DeleteOrg { name } => format!("org {name} deleted"),
+        _ => serde_json::to_string_pretty(&value).unwrap_or_default(),
+    })
+}
+
+fn backends_table(value: &Value) -> String {
+    let mut out = format!(
+        "{:<16} {:<8} {:<10} {:<8} {:>10} {:>6}  {}\n",
+        "BACKEND", "REGION", "STATUS", "DELIVERY", "LATENCY", "WEIGHT", "URL"
+    );
+    for b in value["backends"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<16} {:<8} {:<10} {:<8} {:>8.1}ms {:>6}  {}\n",
+            b["id"].as_str().unwrap_or(""),
+            b["region"].as_str().unwrap_or(""),
+            b["status"].as_str().unwrap_or(""),
+            b["delivery"].as_str().unwrap_or(""),
+            b["latency_ms"].as_f64().unwrap_or(0.0),
+            b["weight"].as_u64().unwrap_or(0),
+            b["url"].as_str().unwrap_or(""),
+        ));
+    }
+    out
+}
