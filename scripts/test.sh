@@ -15,6 +15,7 @@ tools=(
   nginx:nginx
   htpasswd:apache2-utils
   openssl:openssl
+  redis-server:redis-server
 )
 missing=()
 for pair in "${tools[@]}"; do
