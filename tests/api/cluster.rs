@@ -346,3 +346,60 @@ async fn warm_blob_redirects_send_no_command_to_redis() {
     println!("redis commands during {redirects} warm blob redirects: {during}");
     assert_eq!(during, 0, "warm redirects must not touch redis");
 }
+
+/// Two nodes on the store at `url`: a drain through one reaches the other, and a pull
+/// through the other gets every digest.
+async fn two_nodes_agree_through(url: &str, seed: &str) {
+    let work = tempfile::tempdir().unwrap();
+    let (a, b, image) = two_holders(work.path(), seed, 2, 1024);
+    let config = Config::new()
+        .redis(url)
+        .admin()
+        .backend_in("a", &a, "direct", "eu")
+        .backend_in("b", &b, "direct", "us")
+        .org("acme", &["a", "b"], "30s", &[]);
+    let n1 = spawn_app(&config).await;
+    let n2 = spawn_app(&config).await;
+    let pulled = skopeo_pull(
+        &format!("{}/acme/app:1.0", n2.host()),
+        &work.path().join("out"),
+    );
+    assert_eq!(pulled.top, image.index.digest);
+    assert_eq!(pulled.blobs, image.all_digests());
+    let layer = &image.platform("amd64").layers[0].digest;
+    // n1 served nothing yet: it finds the holder n2 learned in the store, probing nobody.
+    let probes = || a.requests_naming(layer).len() + b.requests_naming(layer).len();
+    let before = probes();
+    assert_eq!(n1.blob_backend("acme/app", layer).await, "a");
+    assert_eq!(
+        probes(),
+        before,
+        "n1 probed a backend instead of asking the store"
+    );
+    assert_eq!(
+        n1.admin(Method::POST, "/admin/v1/backends/a/drain", None)
+            .await
+            .status,
+        200
+    );
+    eventually("n2 to stop choosing a", Duration::from_secs(10), || async {
+        n2.blob_backend("acme/app", layer).await == "b"
+    })
+    .await;
+}
+
+#[actix_web::test]
+async fn nodes_agree_through_redis_cluster() {
+    let cluster = crate::redis_server::RedisCluster::start();
+    two_nodes_agree_through(&cluster.url(), "redis-cluster").await;
+}
+
+#[actix_web::test]
+async fn nodes_agree_through_redis_sentinel() {
+    let sentinel = crate::redis_server::RedisSentinel::start();
+    two_nodes_agree_through(&sentinel.url(), "redis-sentinel").await;
+    assert!(
+        sentinel.master.commands_processed() > 0,
+        "the master behind the sentinel was used"
+    );
+}

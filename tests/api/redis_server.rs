@@ -105,3 +105,136 @@ impl Redis {
             .sum()
     }
 }
+
+/// A Redis Cluster of three masters (no replicas) on random ports.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    _dirs: Vec<tempfile::TempDir>,
+    _procs: Vec<Proc>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        require("redis-server");
+        require("redis-cli");
+        let mut ports = Vec::new();
+        let mut dirs = Vec::new();
+        let mut procs = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let dir = tempfile::tempdir().unwrap();
+            let mut cmd = Command::new("redis-server");
+            cmd.args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+            ])
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ])
+            .arg("--dir")
+            .arg(dir.path());
+            procs.push(Proc::spawn(
+                "redis-server",
+                cmd,
+                &dir.path().join("redis.log"),
+            ));
+            wait_until("a cluster node to listen", Duration::from_secs(20), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            ports.push(port);
+            dirs.push(dir);
+        }
+        let mut create = Command::new("redis-cli");
+        create.args(["--cluster", "create"]);
+        for p in &ports {
+            create.arg(format!("127.0.0.1:{p}"));
+        }
+        create.args(["--cluster-replicas", "0", "--cluster-yes"]);
+        crate::procs::run_ok(create, Duration::from_secs(60));
+        let first = ports[0];
+        wait_until("the cluster to report ok", Duration::from_secs(30), || {
+            let mut info = Command::new("redis-cli");
+            info.args(["-p", &first.to_string(), "cluster", "info"]);
+            crate::procs::run(info, Duration::from_secs(10))
+                .stdout
+                .windows(16)
+                .any(|w| w == b"cluster_state:ok")
+        });
+        RedisCluster {
+            ports,
+            _dirs: dirs,
+            _procs: procs,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+}
+
+/// A Redis master watched by one Sentinel.
+pub struct RedisSentinel {
+    pub master: Redis,
+    pub sentinel_port: u16,
+    _dir: tempfile::TempDir,
+    _proc: Proc,
+}
+
+impl RedisSentinel {
+    pub fn start() -> RedisSentinel {
+        let master = Redis::start();
+        let dir = tempfile::tempdir().unwrap();
+        let sentinel_port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "bind 127.0.0.1\nport {sentinel_port}\ndir {}\nsentinel monitor regatta 127.0.0.1 {} 1\n",
+                dir.path().display(),
+                master.port
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new("redis-server");
+        cmd.arg(&conf).arg("--sentinel");
+        let proc = Proc::spawn("redis-sentinel", cmd, &dir.path().join("sentinel.log"));
+        wait_until(
+            "the sentinel to know its master",
+            Duration::from_secs(20),
+            || {
+                let mut ask = Command::new("redis-cli");
+                ask.args([
+                    "-p",
+                    &sentinel_port.to_string(),
+                    "sentinel",
+                    "get-master-addr-by-name",
+                    "regatta",
+                ]);
+                String::from_utf8_lossy(&crate::procs::run(ask, Duration::from_secs(10)).stdout)
+                    .contains(&master.port.to_string())
+            },
+        );
+        RedisSentinel {
+            master,
+            sentinel_port,
+            _dir: dir,
+            _proc: proc,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis+sentinel://127.0.0.1:{}/regatta", self.sentinel_port)
+    }
+}
