@@ -164,6 +164,28 @@ impl Application {
     }
 }
 
+/// The registry API as an actix `App` (one per worker): exposed so benchmarks can drive the
+/// whole service in process.
+pub fn registry_app(
+    gateway: web::Data<Gateway>,
+    upstream: Upstream,
+) -> App<
+    impl actix_web::dev::ServiceFactory<
+        actix_web::dev::ServiceRequest,
+        Config = (),
+        Response = actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    App::new()
+        .app_data(gateway)
+        .app_data(web::Data::new(upstream))
+        .wrap(DefaultHeaders::new().add(API_VERSION))
+        .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }))
+        .default_service(web::to(dispatch))
+}
+
 fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use actix_web::http::Method;
 use actix_web::HttpRequest;
 
-pub use knowledge::{Detected, Knowledge};
+pub use knowledge::{Detected, Knowledge, Manifest};
 
 use crate::api_error::ApiError;
 use crate::cluster::{ClusterState, Snapshot};
