@@ -1,0 +1,181 @@
+//! Load benchmark: one regatta node (release build, memory store, holder knowledge warmed by a
+//! real skopeo pull) against nginx `return 307` and the seed's Caddy facade
+//! (`redir BACKEND{uri} 307`) on the same machine, driven by wrk on the same warm blob URL
+//! with the same connections and duration, in interleaved rounds. A Redis-backed node runs in
+//! the same rounds, and the Redis commands it sent meanwhile are counted.
+//!
+//! Prints requests/s and p50/p99 per server and the ratios; asserts nothing about time.
+//! Run: `bash benches/load/run.sh` (installs wrk, nginx, caddy) or `cargo bench --bench load`.
+//! Knobs: LOAD_ROUNDS (3), LOAD_SECONDS (5), LOAD_CONNECTIONS (32).
+
+#![allow(dead_code)]
+
+#[path = "../tests/api/images.rs"]
+mod images;
+#[path = "../tests/api/procs.rs"]
+mod procs;
+#[path = "../tests/api/redis_server.rs"]
+mod redis_server;
+#[path = "../tests/api/registry.rs"]
+mod registry;
+#[path = "../tests/api/helpers.rs"]
+mod helpers;
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use procs::{free_port, require, run_ok, wait_until, Proc};
+use registry::{Registry, Shape};
+use support::{env_or, median, Node};
+
+struct Target {
+    name: &'static str,
+    port: u16,
+}
+
+#[derive(Default)]
+struct Samples {
+    rps: Vec<f64>,
+    p50_ms: Vec<f64>,
+    p99_ms: Vec<f64>,
+}
+
+fn start_nginx(dir: &Path, backend: &str) -> (Proc, u16) {
+    require("nginx");
+    let port = free_port();
+    let d = dir.display();
+    let conf = dir.join("nginx-307.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes auto;\npid {d}/nginx-307.pid;\nerror_log {d}/nginx-307-error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/nb;\n  proxy_temp_path {d}/np;\n  fastcgi_temp_path {d}/nf;\n  uwsgi_temp_path {d}/nu;\n  scgi_temp_path {d}/ns;\n\
+               server {{\n    listen 127.0.0.1:{port};\n    location / {{ return 307 {backend}$request_uri; }}\n  }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-c").arg(&conf).arg("-e").arg(dir.join("nginx-307-error.log"));
+    let proc = Proc::spawn("nginx", cmd, &dir.join("nginx-307.out"));
+    wait_until("nginx", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    (proc, port)
+}
+
+fn start_caddy(dir: &Path, backend: &str) -> (Proc, u16) {
+    require("caddy");
+    let port = free_port();
+    let file = dir.join("Caddyfile");
+    std::fs::write(
+        &file,
+        format!("{{\n  admin off\n  auto_https off\n}}\nhttp://127.0.0.1:{port} {{\n  redir {backend}{{uri}} 307\n}}\n"),
+    )
+    .unwrap();
+    let mut cmd = Command::new("caddy");
+    cmd.args(["run", "--adapter", "caddyfile", "--config"]).arg(&file).env("HOME", dir);
+    let proc = Proc::spawn("caddy", cmd, &dir.join("caddy.out"));
+    wait_until("caddy", Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    (proc, port)
+}
+
+/// `"1.23ms"` -> 1.23
+fn millis(text: &str) -> f64 {
+    let (num, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(text.len()));
+    let n: f64 = num.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        _ => f64::NAN,
+    }
+}
+
+fn wrk(url: &str, seconds: u64, connections: u64, samples: &mut Samples) {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t1", "-c", &connections.to_string(), "-d", &format!("{seconds}s"), "--latency", url]);
+    let out = run_ok(cmd, Duration::from_secs(seconds + 60));
+    for line in out.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", v] => samples.rps.push(v.parse().unwrap()),
+            ["50%", v] => samples.p50_ms.push(millis(v)),
+            ["99%", v] => samples.p99_ms.push(millis(v)),
+            _ => {}
+        }
+    }
+    let non_3xx = out.lines().find(|l| l.contains("Non-2xx or 3xx"));
+    assert!(non_3xx.is_none(), "{url} answered errors under load:\n{out}");
+}
+
+fn main() {
+    require("wrk");
+    let rounds = env_or("LOAD_ROUNDS", 3);
+    let seconds = env_or("LOAD_SECONDS", 5);
+    let connections = env_or("LOAD_CONNECTIONS", 32);
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+
+    let registry = Registry::start(Shape::Anonymous, None);
+    let image = images::multiarch(&dir.join("image"), "load", "1.0", 3, 64 * 1024);
+    registry.push(&image, "acme/app", "1.0");
+    let backend = registry.url();
+    let org = format!(
+        "[[backends]]\nid = \"hub\"\nurl = \"{backend}\"\nregion = \"eu\"\ndelivery = \"direct\"\n[[orgs]]\nname = \"acme\"\nbackends = [\"hub\"]\n"
+    );
+    let memory_node = Node::start(dir, "regatta", &org);
+    let redis = redis_server::Redis::start();
+    let redis_node = Node::start(
+        dir,
+        "regatta-redis",
+        &format!("[store]\ntype = \"redis\"\nurl = \"{}\"\n[health]\ninterval = \"1h\"\n[cluster]\nrefresh_interval = \"1h\"\n{org}", redis.url()),
+    );
+    // Warm both nodes with a real pull: tag, manifests and layer holders are then known.
+    for node in [&memory_node, &redis_node] {
+        let mut pull = Command::new("skopeo");
+        pull.args(["copy", "--all", "--preserve-digests", "--src-tls-verify=false"])
+            .arg(format!("docker://{}/acme/app:1.0", node.host()))
+            .arg(format!("oci:{}:warm", dir.join(format!("warm-{}", node.port)).display()));
+        run_ok(pull, Duration::from_secs(120));
+    }
+    let (_nginx, nginx_port) = start_nginx(dir, &backend);
+    let (_caddy, caddy_port) = start_caddy(dir, &backend);
+
+    let path = format!("/v2/acme/app/blobs/{}", image.platform("amd64").layers[2].digest);
+    let targets = [
+        Target { name: "regatta", port: memory_node.port },
+        Target { name: "regatta+redis", port: redis_node.port },
+        Target { name: "nginx-307", port: nginx_port },
+        Target { name: "caddy-facade", port: caddy_port },
+    ];
+    let mut results: BTreeMap<&str, Samples> = BTreeMap::new();
+    let redis_before = redis.settled_commands();
+    let mut redis_during = 0;
+    for round in 0..rounds {
+        for t in &targets {
+            let before = (t.name == "regatta+redis").then(|| redis.commands_processed());
+            wrk(&format!("http://127.0.0.1:{}{path}", t.port), seconds, connections, results.entry(t.name).or_default());
+            if let Some(before) = before {
+                redis_during += redis.commands_processed() - before;
+            }
+            eprintln!("round {} {}: {:.0} req/s", round + 1, t.name, results[t.name].rps.last().unwrap());
+        }
+    }
+    let _ = redis_before;
+
+    println!("\nwarm blob redirect, {rounds} interleaved rounds of {seconds}s, {connections} connections, wrk -t1");
+    println!("{:<15} {:>12} {:>10} {:>10}", "server", "req/s", "p50 ms", "p99 ms");
+    let mut rps = BTreeMap::new();
+    for t in &targets {
+        let s = results.get_mut(t.name).unwrap();
+        let (r, p50, p99) = (median(&mut s.rps), median(&mut s.p50_ms), median(&mut s.p99_ms));
+        rps.insert(t.name, r);
+        println!("{:<15} {:>12.0} {:>10.3} {:>10.3}", t.name, r, p50, p99);
+    }
+    println!("regatta / nginx-307        = {:.2}", rps["regatta"] / rps["nginx-307"]);
+    println!("regatta / caddy-facade     = {:.2}", rps["regatta"] / rps["caddy-facade"]);
+    println!("regatta+redis / nginx-307  = {:.2}", rps["regatta+redis"] / rps["nginx-307"]);
+    println!("redis commands during the regatta+redis runs: {redis_during}");
+}
