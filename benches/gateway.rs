@@ -27,7 +27,11 @@ fn placement(c: &mut Criterion) {
             .map(|i| BackendView {
                 idx: i,
                 region: regions[i % 3],
-                health: if i % 17 == 0 { Health::Degraded } else { Health::Up },
+                health: if i % 17 == 0 {
+                    Health::Degraded
+                } else {
+                    Health::Up
+                },
                 drained: i % 23 == 0,
                 latency_us: ((i * 7919) % 50_000) as u32,
                 weight: 50 + (i % 4) as u32 * 25,
@@ -35,10 +39,22 @@ fn placement(c: &mut Criterion) {
             .collect();
         // Warm holder knowledge: every backend known to hold or lack the digest.
         let holdings: Vec<Holding> = (0..n)
-            .map(|i| if i % 3 == 0 { Holding::Lacks } else { Holding::Has })
+            .map(|i| {
+                if i % 3 == 0 {
+                    Holding::Lacks
+                } else {
+                    Holding::Has
+                }
+            })
             .collect();
         group.bench_with_input(BenchmarkId::new("rank", n), &n, |b, _| {
-            b.iter(|| rank("eu", std::hint::black_box(&views), std::hint::black_box(&holdings)))
+            b.iter(|| {
+                rank(
+                    "eu",
+                    std::hint::black_box(&views),
+                    std::hint::black_box(&holdings),
+                )
+            })
         });
     }
     group.finish();
@@ -52,10 +68,16 @@ fn parsing(c: &mut Criterion) {
     group.bench_function("reference_tag", |b| {
         b.iter(|| Reference::parse(std::hint::black_box("v1.24.3-alpine")).unwrap())
     });
-    group.bench_function("digest", |b| b.iter(|| Digest::parse(std::hint::black_box(LAYER)).unwrap()));
+    group.bench_function("digest", |b| {
+        b.iter(|| Digest::parse(std::hint::black_box(LAYER)).unwrap())
+    });
     let path = format!("/v2/acme/team/app-server/blobs/{LAYER}");
     group.bench_function("route", |b| {
-        b.iter(|| regatta::route::parse(std::hint::black_box(&path)).unwrap().unwrap())
+        b.iter(|| {
+            regatta::route::parse(std::hint::black_box(&path))
+                .unwrap()
+                .unwrap()
+        })
     });
     group.finish();
 }
@@ -100,14 +122,22 @@ fn service(c: &mut Criterion) {
     let manifest_digest = Digest::compute(regatta::oci::Algorithm::Sha256, manifest_bytes);
     let app = system.block_on(async {
         // Warm: the hub is known to hold both, nothing needs a backend call.
-        gateway.knowledge.learn(&name, &layer, 0, Holding::Has).await;
-        gateway.knowledge.learn(&name, &manifest_digest, 0, Holding::Has).await;
-        gateway.knowledge.keep_manifest(Arc::new(regatta::gateway::Manifest {
-            digest: manifest_digest.clone(),
-            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            bytes: bytes::Bytes::from_static(manifest_bytes),
-            backend: "hub".into(),
-        }));
+        gateway
+            .knowledge
+            .learn(&name, &layer, 0, Holding::Has)
+            .await;
+        gateway
+            .knowledge
+            .learn(&name, &manifest_digest, 0, Holding::Has)
+            .await;
+        gateway
+            .knowledge
+            .keep_manifest(Arc::new(regatta::gateway::Manifest {
+                digest: manifest_digest.clone(),
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                bytes: bytes::Bytes::from_static(manifest_bytes),
+                backend: "hub".into(),
+            }));
         let upstream = Upstream::new(&settings.upstream, gateway.auth.clone());
         init_service(registry_app(gateway.clone(), upstream)).await
     });
@@ -117,7 +147,10 @@ fn service(c: &mut Criterion) {
     group.bench_function("warm_blob_redirect", |b| {
         b.iter(|| {
             system.block_on(async {
-                let response = app.call(TestRequest::get().uri(&blob_uri).to_request()).await.unwrap();
+                let response = app
+                    .call(TestRequest::get().uri(&blob_uri).to_request())
+                    .await
+                    .unwrap();
                 assert_eq!(response.status(), 307);
             })
         })
@@ -125,7 +158,10 @@ fn service(c: &mut Criterion) {
     group.bench_function("cached_manifest", |b| {
         b.iter(|| {
             system.block_on(async {
-                let response = app.call(TestRequest::get().uri(&manifest_uri).to_request()).await.unwrap();
+                let response = app
+                    .call(TestRequest::get().uri(&manifest_uri).to_request())
+                    .await
+                    .unwrap();
                 assert_eq!(response.status(), 200);
             })
         })

@@ -10,6 +10,8 @@
 
 #![allow(dead_code)]
 
+#[path = "../tests/api/helpers.rs"]
+mod helpers;
 #[path = "../tests/api/images.rs"]
 mod images;
 #[path = "../tests/api/procs.rs"]
@@ -18,8 +20,6 @@ mod procs;
 mod redis_server;
 #[path = "../tests/api/registry.rs"]
 mod registry;
-#[path = "../tests/api/helpers.rs"]
-mod helpers;
 mod support;
 
 use std::collections::BTreeMap;
@@ -34,6 +34,7 @@ use support::{env_or, median, Node};
 struct Target {
     name: &'static str,
     port: u16,
+    path: String,
 }
 
 #[derive(Default)]
@@ -48,10 +49,11 @@ fn start_nginx(dir: &Path, backend: &str) -> (Proc, u16) {
     let port = free_port();
     let d = dir.display();
     let conf = dir.join("nginx-307.conf");
+    let workers = std::env::var("LOAD_WORKERS").unwrap_or_else(|_| "auto".into());
     std::fs::write(
         &conf,
         format!(
-            "daemon off;\nworker_processes auto;\npid {d}/nginx-307.pid;\nerror_log {d}/nginx-307-error.log;\n\
+            "daemon off;\nworker_processes {workers};\npid {d}/nginx-307.pid;\nerror_log {d}/nginx-307-error.log;\n\
              events {{ worker_connections 1024; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {d}/nb;\n  proxy_temp_path {d}/np;\n  fastcgi_temp_path {d}/nf;\n  uwsgi_temp_path {d}/nu;\n  scgi_temp_path {d}/ns;\n\
                server {{\n    listen 127.0.0.1:{port};\n    location / {{ return 307 {backend}$request_uri; }}\n  }}\n}}\n"
@@ -59,9 +61,14 @@ fn start_nginx(dir: &Path, backend: &str) -> (Proc, u16) {
     )
     .unwrap();
     let mut cmd = Command::new("nginx");
-    cmd.arg("-c").arg(&conf).arg("-e").arg(dir.join("nginx-307-error.log"));
+    cmd.arg("-c")
+        .arg(&conf)
+        .arg("-e")
+        .arg(dir.join("nginx-307-error.log"));
     let proc = Proc::spawn("nginx", cmd, &dir.join("nginx-307.out"));
-    wait_until("nginx", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    wait_until("nginx", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
     (proc, port)
 }
 
@@ -75,15 +82,25 @@ fn start_caddy(dir: &Path, backend: &str) -> (Proc, u16) {
     )
     .unwrap();
     let mut cmd = Command::new("caddy");
-    cmd.args(["run", "--adapter", "caddyfile", "--config"]).arg(&file).env("HOME", dir);
+    cmd.args(["run", "--adapter", "caddyfile", "--config"])
+        .arg(&file)
+        .env("HOME", dir);
+    if let Ok(workers) = std::env::var("LOAD_WORKERS") {
+        cmd.env("GOMAXPROCS", workers);
+    }
     let proc = Proc::spawn("caddy", cmd, &dir.join("caddy.out"));
-    wait_until("caddy", Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    wait_until("caddy", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
     (proc, port)
 }
 
 /// `"1.23ms"` -> 1.23
 fn millis(text: &str) -> f64 {
-    let (num, unit) = text.split_at(text.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(text.len()));
+    let (num, unit) = text.split_at(
+        text.find(|c: char| c.is_ascii_alphabetic())
+            .unwrap_or(text.len()),
+    );
     let n: f64 = num.parse().unwrap_or(f64::NAN);
     match unit {
         "us" => n / 1000.0,
@@ -95,7 +112,15 @@ fn millis(text: &str) -> f64 {
 
 fn wrk(url: &str, seconds: u64, connections: u64, samples: &mut Samples) {
     let mut cmd = Command::new("wrk");
-    cmd.args(["-t1", "-c", &connections.to_string(), "-d", &format!("{seconds}s"), "--latency", url]);
+    cmd.args([
+        "-t1",
+        "-c",
+        &connections.to_string(),
+        "-d",
+        &format!("{seconds}s"),
+        "--latency",
+        url,
+    ]);
     let out = run_ok(cmd, Duration::from_secs(seconds + 60));
     for line in out.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -107,7 +132,10 @@ fn wrk(url: &str, seconds: u64, connections: u64, samples: &mut Samples) {
         }
     }
     let non_3xx = out.lines().find(|l| l.contains("Non-2xx or 3xx"));
-    assert!(non_3xx.is_none(), "{url} answered errors under load:\n{out}");
+    assert!(
+        non_3xx.is_none(),
+        "{url} answered errors under load:\n{out}"
+    );
 }
 
 fn main() {
@@ -135,47 +163,108 @@ fn main() {
     // Warm both nodes with a real pull: tag, manifests and layer holders are then known.
     for node in [&memory_node, &redis_node] {
         let mut pull = Command::new("skopeo");
-        pull.args(["copy", "--all", "--preserve-digests", "--src-tls-verify=false"])
-            .arg(format!("docker://{}/acme/app:1.0", node.host()))
-            .arg(format!("oci:{}:warm", dir.join(format!("warm-{}", node.port)).display()));
+        pull.args([
+            "copy",
+            "--all",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+        ])
+        .arg(format!("docker://{}/acme/app:1.0", node.host()))
+        .arg(format!(
+            "oci:{}:warm",
+            dir.join(format!("warm-{}", node.port)).display()
+        ));
         run_ok(pull, Duration::from_secs(120));
     }
     let (_nginx, nginx_port) = start_nginx(dir, &backend);
     let (_caddy, caddy_port) = start_caddy(dir, &backend);
 
-    let path = format!("/v2/acme/app/blobs/{}", image.platform("amd64").layers[2].digest);
-    let targets = [
-        Target { name: "regatta", port: memory_node.port },
-        Target { name: "regatta+redis", port: redis_node.port },
-        Target { name: "nginx-307", port: nginx_port },
-        Target { name: "caddy-facade", port: caddy_port },
+    let path = format!(
+        "/v2/acme/app/blobs/{}",
+        image.platform("amd64").layers[2].digest
+    );
+    let mut targets = vec![
+        Target {
+            name: "regatta",
+            port: memory_node.port,
+            path: path.clone(),
+        },
+        Target {
+            name: "regatta+redis",
+            port: redis_node.port,
+            path: path.clone(),
+        },
+        Target {
+            name: "nginx-307",
+            port: nginx_port,
+            path: path.clone(),
+        },
+        Target {
+            name: "caddy-facade",
+            port: caddy_port,
+            path: path.clone(),
+        },
     ];
+    // The HTTP stack's own ceiling: the same node answering its trivial /healthz.
+    if std::env::var("LOAD_BASELINE").is_ok() {
+        targets.push(Target {
+            name: "regatta-healthz",
+            port: memory_node.port,
+            path: "/healthz".into(),
+        });
+    }
     let mut results: BTreeMap<&str, Samples> = BTreeMap::new();
     let redis_before = redis.settled_commands();
     let mut redis_during = 0;
     for round in 0..rounds {
         for t in &targets {
             let before = (t.name == "regatta+redis").then(|| redis.commands_processed());
-            wrk(&format!("http://127.0.0.1:{}{path}", t.port), seconds, connections, results.entry(t.name).or_default());
+            wrk(
+                &format!("http://127.0.0.1:{}{}", t.port, t.path),
+                seconds,
+                connections,
+                results.entry(t.name).or_default(),
+            );
             if let Some(before) = before {
                 redis_during += redis.commands_processed() - before;
             }
-            eprintln!("round {} {}: {:.0} req/s", round + 1, t.name, results[t.name].rps.last().unwrap());
+            eprintln!(
+                "round {} {}: {:.0} req/s",
+                round + 1,
+                t.name,
+                results[t.name].rps.last().unwrap()
+            );
         }
     }
     let _ = redis_before;
 
     println!("\nwarm blob redirect, {rounds} interleaved rounds of {seconds}s, {connections} connections, wrk -t1");
-    println!("{:<15} {:>12} {:>10} {:>10}", "server", "req/s", "p50 ms", "p99 ms");
+    println!(
+        "{:<15} {:>12} {:>10} {:>10}",
+        "server", "req/s", "p50 ms", "p99 ms"
+    );
     let mut rps = BTreeMap::new();
     for t in &targets {
         let s = results.get_mut(t.name).unwrap();
-        let (r, p50, p99) = (median(&mut s.rps), median(&mut s.p50_ms), median(&mut s.p99_ms));
+        let (r, p50, p99) = (
+            median(&mut s.rps),
+            median(&mut s.p50_ms),
+            median(&mut s.p99_ms),
+        );
         rps.insert(t.name, r);
         println!("{:<15} {:>12.0} {:>10.3} {:>10.3}", t.name, r, p50, p99);
     }
-    println!("regatta / nginx-307        = {:.2}", rps["regatta"] / rps["nginx-307"]);
-    println!("regatta / caddy-facade     = {:.2}", rps["regatta"] / rps["caddy-facade"]);
-    println!("regatta+redis / nginx-307  = {:.2}", rps["regatta+redis"] / rps["nginx-307"]);
+    println!(
+        "regatta / nginx-307        = {:.2}",
+        rps["regatta"] / rps["nginx-307"]
+    );
+    println!(
+        "regatta / caddy-facade     = {:.2}",
+        rps["regatta"] / rps["caddy-facade"]
+    );
+    println!(
+        "regatta+redis / nginx-307  = {:.2}",
+        rps["regatta+redis"] / rps["nginx-307"]
+    );
     println!("redis commands during the regatta+redis runs: {redis_during}");
 }

@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use arc_swap::ArcSwap;
 
 use crate::config::Settings;
@@ -109,13 +111,21 @@ pub fn config_policies(settings: &Settings) -> Vec<(String, OrgPolicy)> {
 
 pub struct ClusterState {
     snapshot: ArcSwap<Snapshot>,
+    /// Bumped whenever the snapshot is replaced; cached decisions made under an older
+    /// epoch are not reused.
+    epoch: Arc<AtomicU64>,
 }
 
 impl ClusterState {
-    pub fn new(initial: Snapshot) -> ClusterState {
+    pub fn new(initial: Snapshot, epoch: Arc<AtomicU64>) -> ClusterState {
         ClusterState {
             snapshot: ArcSwap::from_pointee(initial),
+            epoch,
         }
+    }
+
+    fn bump(&self) {
+        self.epoch.fetch_add(1, Ordering::Release);
     }
 
     pub fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
@@ -140,6 +150,7 @@ impl ClusterState {
                 loaded_at: current.loaded_at,
             })
         });
+        self.bump();
     }
 
     /// Applies an admin decision this node just made, without waiting for the store.
@@ -154,6 +165,7 @@ impl ClusterState {
                 loaded_at: current.loaded_at,
             })
         });
+        self.bump();
     }
 
     /// Reads everything shared from the store and swaps in a new snapshot.
@@ -163,6 +175,7 @@ impl ClusterState {
         let policies = store.policies().await?;
         let next = Snapshot::build(topology, &admin, &health, &policies);
         let previous = self.snapshot.swap(Arc::new(next));
+        self.bump();
         if previous.orgs.len() != self.load().orgs.len() {
             tracing::info!(orgs = self.load().orgs.len(), "org policies changed");
         }

@@ -182,7 +182,10 @@ pub fn registry_app(
         .app_data(gateway)
         .app_data(web::Data::new(upstream))
         .wrap(DefaultHeaders::new().add(API_VERSION))
-        .route("/healthz", web::get().to(|| async { HttpResponse::Ok().body("ok") }))
+        .route(
+            "/healthz",
+            web::get().to(|| async { HttpResponse::Ok().body("ok") }),
+        )
         .default_service(web::to(dispatch))
 }
 
@@ -200,30 +203,46 @@ async fn dispatch(
     gw: web::Data<Gateway>,
     up: web::Data<Upstream>,
 ) -> Result<HttpResponse, ApiError> {
-    let started = std::time::Instant::now();
+    let logging = tracing::enabled!(tracing::Level::INFO);
+    let started = logging.then(std::time::Instant::now);
+    // The warm path: a blob redirect already decided under the current epoch.
+    if req.method() == Method::GET {
+        if let Some(hit) = gw.knowledge.redirect(req.path()) {
+            let response = HttpResponse::TemporaryRedirect()
+                .insert_header((actix_web::http::header::LOCATION, hit.location.clone()))
+                .insert_header((gateway::BACKEND_HEADER, hit.backend.clone()))
+                .finish();
+            let result = Ok(response);
+            if let Some(started) = started {
+                log_request(&req, "blob", &result, started);
+            }
+            return result;
+        }
+    }
     let Some(parsed) = route::parse(req.path()) else {
         return Err(ApiError::NameUnknown(format!(
             "no such path: {}",
             req.path()
         )));
     };
-    let result = match parsed {
+    let (kind, result) = match parsed {
         Ok(route) => {
             let kind = route.kind();
-            let result = gateway::handle(&gw, &up, &req, route).await;
-            log_request(&req, kind, &result, started);
-            return result;
+            (kind, gateway::handle(&gw, &up, &req, route).await)
         }
         // A write to a malformed path is still first of all a write.
-        Err(_) if !matches!(*req.method(), Method::GET | Method::HEAD) => {
+        Err(_) if !matches!(*req.method(), Method::GET | Method::HEAD) => (
+            "invalid",
             Err(ApiError::Unsupported(format!(
                 "{} is not supported: this registry is read-only (GET and HEAD)",
                 req.method()
-            )))
-        }
-        Err(e) => Err(e),
+            ))),
+        ),
+        Err(e) => ("invalid", Err(e)),
     };
-    log_request(&req, "invalid", &result, started);
+    if let Some(started) = started {
+        log_request(&req, kind, &result, started);
+    }
     result
 }
 

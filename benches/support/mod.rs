@@ -19,16 +19,19 @@ impl Node {
         std::fs::write(
             &config,
             format!(
-                "[server]\nlisten = \"127.0.0.1:{port}\"\nregion = \"eu\"\n[log]\nformat = \"json\"\nfilter = \"warn\"\n{extra}"
+                "[server]\nlisten = \"127.0.0.1:{port}\"\nregion = \"eu\"\n{workers}[log]\nformat = \"json\"\nfilter = \"warn\"\n{extra}",
+                workers = std::env::var("LOAD_WORKERS").map(|w| format!("workers = {w}\n")).unwrap_or_default(),
             ),
         )
         .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_regatta"));
         cmd.arg("serve").arg("--config").arg(&config);
         let proc = Proc::spawn(name, cmd, &dir.join(format!("{name}.log")));
-        wait_until(&format!("{name} to listen"), Duration::from_secs(30), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
+        wait_until(
+            &format!("{name} to listen"),
+            Duration::from_secs(30),
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        );
         Node { port, _proc: proc }
     }
 
@@ -48,5 +51,8 @@ pub fn median(values: &mut [f64]) -> f64 {
 }
 
 pub fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

@@ -31,6 +31,8 @@ pub async fn serve(
     head: bool,
 ) -> Result<HttpResponse, ApiError> {
     let org = &*gw.org(name)?;
+    // Read before deciding: a decision made while something changed is not reused.
+    let epoch = gw.knowledge.epoch();
     let mut candidates = gw.candidates(org, name, digest).await;
     if candidates.first().is_none_or(|c| c.holding != Holding::Has) {
         probe(gw, up, org, name, digest, &candidates).await;
@@ -53,7 +55,12 @@ pub async fn serve(
             deliver(gw, up, req, org, b, name, digest).await
         };
         match outcome {
-            Ok(response) => return Ok(response),
+            Ok(response) => {
+                if !head && response.status() == StatusCode::TEMPORARY_REDIRECT {
+                    remember_redirect(gw, req, b, digest, &response, epoch);
+                }
+                return Ok(response);
+            }
             Err(Failure::Missing) => {
                 gw.knowledge.learn(name, digest, b, Holding::Lacks).await;
             }
@@ -66,6 +73,32 @@ pub async fn serve(
     tracing::debug!(%last_failure, "no holder could deliver");
     let unknown = ApiError::BlobUnknown(format!("{name}@{digest}"));
     Err(gw.none_serves(org, name, digest, unknown).await)
+}
+
+/// Keeps a redirect for the warm path: as long as nothing changes, for at most a few
+/// seconds, and never past the pre-signed URL's own lifetime.
+fn remember_redirect(
+    gw: &Gateway,
+    req: &HttpRequest,
+    b: BackendIdx,
+    digest: &Digest,
+    response: &HttpResponse,
+    epoch: u64,
+) {
+    let backend = gw.topology.backend(b);
+    let good_for = match gw.knowledge.delivery(backend.delivery, b) {
+        Some(Delivery::Direct) => Some(Duration::MAX),
+        _ => gw.knowledge.resolved_remaining(b, digest),
+    };
+    let (Some(good_for), Some(location), Some(id)) = (
+        good_for,
+        response.headers().get(header::LOCATION),
+        response.headers().get(BACKEND_HEADER),
+    ) else {
+        return;
+    };
+    gw.knowledge
+        .keep_redirect(req.path(), epoch, location.clone(), id.clone(), good_for);
 }
 
 enum Failure {

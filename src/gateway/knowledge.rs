@@ -53,6 +53,18 @@ impl Detected {
     }
 }
 
+/// Longest reuse of a decided redirect (a new holder in a better place is taken up after it).
+const REDIRECT_REUSE: Duration = Duration::from_secs(10);
+
+/// A decided blob redirect.
+#[derive(Debug)]
+pub struct Redirect {
+    pub location: actix_web::http::header::HeaderValue,
+    pub backend: actix_web::http::header::HeaderValue,
+    epoch: u64,
+    until: Instant,
+}
+
 /// How long the store is left alone after a failed call.
 const STORE_QUIET_MS: u64 = 1_000;
 
@@ -67,6 +79,11 @@ pub struct Knowledge {
     sizes: Cache<Digest, u64>,
     resolved: Cache<(BackendIdx, Digest), (Arc<str>, Instant)>,
     detected: Vec<AtomicU8>,
+    /// Blob redirects already decided, by request path, each valid for the epoch it was
+    /// decided in: the warm path answers from here without parsing or placement.
+    redirects: Cache<Box<str>, Arc<Redirect>>,
+    /// Shared with the cluster snapshot: any change that could alter a decision bumps it.
+    epoch: Arc<AtomicU64>,
     /// Until when (Unix ms) the store is left alone after failing.
     store_quiet_until: Arc<AtomicU64>,
     /// Per backend, until when (Unix ms) it counts as down after failing to answer.
@@ -78,7 +95,12 @@ pub struct Knowledge {
 }
 
 impl Knowledge {
-    pub fn new(settings: &CacheSettings, ids: Vec<Arc<str>>, store: Arc<dyn Store>) -> Self {
+    pub fn new(
+        settings: &CacheSettings,
+        ids: Vec<Arc<str>>,
+        store: Arc<dyn Store>,
+        epoch: Arc<AtomicU64>,
+    ) -> Self {
         Knowledge {
             store,
             holder_ttl: settings.holder_ttl,
@@ -107,6 +129,11 @@ impl Knowledge {
             detected: ids.iter().map(|_| AtomicU8::new(0)).collect(),
             down_until: ids.iter().map(|_| AtomicU64::new(0)).collect(),
             store_quiet_until: Arc::new(AtomicU64::new(0)),
+            redirects: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(REDIRECT_REUSE)
+                .build(),
+            epoch,
             failure_backoff: settings.failure_backoff,
             ids,
         }
@@ -205,10 +232,12 @@ impl Knowledge {
         holding: Holding,
     ) {
         let ttl = self.ttl_for(holding);
-        self.holders.insert(
-            (name.clone(), digest.clone(), backend),
-            (holding, Instant::now() + ttl),
-        );
+        let key = (name.clone(), digest.clone(), backend);
+        let changed = self.holders.get(&key).map(|(h, _)| h) != Some(holding);
+        self.holders.insert(key, (holding, Instant::now() + ttl));
+        if changed {
+            self.redirects.invalidate(blob_path(name, digest).as_str());
+        }
     }
 
     fn ttl_for(&self, holding: Holding) -> Duration {
@@ -311,6 +340,12 @@ impl Knowledge {
             .map(|(url, _)| url)
     }
 
+    /// How much longer a cached pre-signed URL for the blob on `backend` may be handed out.
+    pub fn resolved_remaining(&self, backend: BackendIdx, digest: &Digest) -> Option<Duration> {
+        let (_, until) = self.resolved.get(&(backend, digest.clone()))?;
+        until.checked_duration_since(Instant::now())
+    }
+
     pub fn learn_resolved(
         &self,
         backend: BackendIdx,
@@ -327,12 +362,51 @@ impl Knowledge {
     }
 
     pub fn learn_detected(&self, backend: BackendIdx, detected: Detected) {
-        self.detected[backend].store(detected.to_u8(), Ordering::Relaxed);
+        if self.detected[backend].swap(detected.to_u8(), Ordering::Relaxed) != detected.to_u8() {
+            self.bump();
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.epoch.fetch_add(1, Ordering::Release);
+    }
+
+    /// A redirect decided for `path` that still holds.
+    pub fn redirect(&self, path: &str) -> Option<Arc<Redirect>> {
+        let hit = self.redirects.get(path)?;
+        (hit.epoch == self.epoch() && hit.until > Instant::now()).then_some(hit)
+    }
+
+    /// Remembers the redirect decided for `path` under `epoch` (read before deciding), for
+    /// at most `good_for`.
+    pub fn keep_redirect(
+        &self,
+        path: &str,
+        epoch: u64,
+        location: actix_web::http::header::HeaderValue,
+        backend: actix_web::http::header::HeaderValue,
+        good_for: Duration,
+    ) {
+        let until = Instant::now() + good_for.min(REDIRECT_REUSE);
+        self.redirects.insert(
+            path.into(),
+            Arc::new(Redirect {
+                location,
+                backend,
+                epoch,
+                until,
+            }),
+        );
     }
 
     /// Forgets holders of `digest` (every repository), its manifest and pre-signed URLs,
     /// and `repo`'s tag resolutions, on this node.
     pub fn purge(&self, digest: Option<&Digest>, repo: Option<&RepoName>) {
+        self.bump();
         if let Some(digest) = digest {
             let stale: Vec<_> = self
                 .holders
@@ -372,11 +446,13 @@ impl Knowledge {
     pub fn mark_unreachable(&self, backend: BackendIdx) {
         let until = unix_ms(SystemTime::now()) + self.failure_backoff.as_millis() as u64;
         self.down_until[backend].store(until, Ordering::Relaxed);
+        self.bump();
     }
 
     pub fn mark_reachable(&self, backend: BackendIdx) {
         if self.down_until[backend].load(Ordering::Relaxed) != 0 {
             self.down_until[backend].store(0, Ordering::Relaxed);
+            self.bump();
         }
     }
 
@@ -396,4 +472,9 @@ impl Knowledge {
             other => Some(other),
         }
     }
+}
+
+/// The request path of a blob GET, as the redirect cache keys it.
+pub fn blob_path(name: &RepoName, digest: &Digest) -> String {
+    format!("/v2/{name}/blobs/{digest}")
 }

@@ -41,15 +41,18 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(settings: &Settings, store: Arc<dyn Store>) -> Gateway {
         let topology = Arc::new(Topology::from_settings(settings));
+        let epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
         Gateway {
             knowledge: Knowledge::new(
                 &settings.cache,
                 topology.backends.iter().map(|b| b.id.clone()).collect(),
                 store.clone(),
+                epoch.clone(),
             ),
-            state: Arc::new(ClusterState::new(Snapshot::from_config(
-                &topology, settings,
-            ))),
+            state: Arc::new(ClusterState::new(
+                Snapshot::from_config(&topology, settings),
+                epoch,
+            )),
             topology,
             cache: settings.cache.clone(),
             auth: Arc::new(AuthCache::new()),
