@@ -81,7 +81,7 @@ pub struct Knowledge {
     detected: Vec<AtomicU8>,
     /// Blob redirects already decided, by request path, each valid for the epoch it was
     /// decided in: the warm path answers from here without parsing or placement.
-    redirects: Cache<Box<str>, Arc<Redirect>>,
+    redirects: Cache<Box<str>, Arc<Redirect>, foldhash::fast::RandomState>,
     /// Shared with the cluster snapshot: any change that could alter a decision bumps it.
     epoch: Arc<AtomicU64>,
     /// Until when (Unix ms) the store is left alone after failing.
@@ -129,10 +129,11 @@ impl Knowledge {
             detected: ids.iter().map(|_| AtomicU8::new(0)).collect(),
             down_until: ids.iter().map(|_| AtomicU64::new(0)).collect(),
             store_quiet_until: Arc::new(AtomicU64::new(0)),
+            // A fast hasher: this lookup is most of what a warm redirect costs.
             redirects: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(REDIRECT_REUSE)
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             epoch,
             failure_backoff: settings.failure_backoff,
             ids,
