@@ -115,7 +115,11 @@ fn settings() -> Settings {
 fn service(c: &mut Criterion) {
     let system = actix_web::rt::System::new();
     let settings = settings();
-    let gateway = web::Data::new(Gateway::new(&settings, Arc::new(MemoryStore::new())));
+    let gateway = web::Data::new(Gateway::new(
+        &settings,
+        Arc::new(MemoryStore::new()),
+        Arc::new(regatta::metrics::Metrics::new()),
+    ));
     let name = RepoName::parse("acme/app").unwrap();
     let layer = Digest::parse(LAYER).unwrap();
     let manifest_bytes = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:2b0ea5c1a1d9a9dbb4a5bd6f5c0b5d8e7f1a2b3c4d5e6f708192a3b4c5d6e7f8","size":2},"layers":[]}"#;

@@ -5,18 +5,18 @@
 
 #![allow(dead_code)]
 
+#[path = "../tests/api/clients.rs"]
+mod clients;
+#[path = "../tests/api/helpers.rs"]
+mod helpers;
 #[path = "../tests/api/images.rs"]
 mod images;
 #[path = "../tests/api/procs.rs"]
 mod procs;
-#[path = "../tests/api/registry.rs"]
-mod registry;
-#[path = "../tests/api/helpers.rs"]
-mod helpers;
-#[path = "../tests/api/clients.rs"]
-mod clients;
 #[path = "../tests/api/redis_server.rs"]
 mod redis_server;
+#[path = "../tests/api/registry.rs"]
+mod registry;
 mod support;
 
 use std::time::{Duration, Instant};
@@ -28,9 +28,16 @@ use support::{env_or, median, Node};
 fn pull(reference: &str, out: &std::path::Path) -> Duration {
     let started = Instant::now();
     let mut cmd = std::process::Command::new("skopeo");
-    cmd.args(["copy", "--src-tls-verify=false", "--override-arch", "amd64", "--override-os", "linux"])
-        .arg(format!("docker://{reference}"))
-        .arg(format!("oci:{}:pulled", out.display()));
+    cmd.args([
+        "copy",
+        "--src-tls-verify=false",
+        "--override-arch",
+        "amd64",
+        "--override-os",
+        "linux",
+    ])
+    .arg(format!("docker://{reference}"))
+    .arg(format!("oci:{}:pulled", out.display()));
     run_ok(cmd, Duration::from_secs(300));
     started.elapsed()
 }
@@ -42,7 +49,13 @@ fn main() {
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
     let registry = Registry::start(Shape::Anonymous, None);
-    let image = images::multiarch(&dir.join("image"), "pull-bench", "1.0", 10, layer_kib * 1024);
+    let image = images::multiarch(
+        &dir.join("image"),
+        "pull-bench",
+        "1.0",
+        10,
+        layer_kib * 1024,
+    );
     registry.push(&image, "acme/app", "1.0");
     let node = Node::start(
         dir,
@@ -62,8 +75,15 @@ fn main() {
         let a = pull(&direct, &dir.join(format!("direct-{round}")));
         let b = pull(&gateway, &dir.join(format!("gateway-{round}")));
         let pulled = clients::read_layout(&dir.join(format!("gateway-{round}")));
-        assert!(pulled.blobs.contains(&image.platform("amd64").config.digest));
-        eprintln!("round {}: direct {:.3}s, through regatta {:.3}s", round + 1, a.as_secs_f64(), b.as_secs_f64());
+        assert!(pulled
+            .blobs
+            .contains(&image.platform("amd64").config.digest));
+        eprintln!(
+            "round {}: direct {:.3}s, through regatta {:.3}s",
+            round + 1,
+            a.as_secs_f64(),
+            b.as_secs_f64()
+        );
         straight.push(a.as_secs_f64());
         through.push(b.as_secs_f64());
     }

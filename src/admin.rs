@@ -29,6 +29,8 @@ pub const EVENT_PURGE_PREFIX: &str = "purge ";
 pub struct AdminToken(pub String);
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
+    // Scraped by Prometheus without the token: the admin listener is an internal address.
+    cfg.route("/metrics", web::get().to(metrics));
     cfg.service(
         web::scope("/admin/v1")
             .wrap(actix_web::middleware::from_fn(require_token))
@@ -94,7 +96,35 @@ fn unavailable(e: impl std::fmt::Display) -> HttpResponse {
 }
 
 fn audit(req: &HttpRequest, action: &str, subject: &str, detail: &str) {
+    if let Some(gw) = req.app_data::<web::Data<Gateway>>() {
+        gw.metrics.admin_changes.with_label_values(&[action]).inc();
+    }
     tracing::info!(target: "regatta::audit", action, subject, detail, peer = ?req.peer_addr(), "admin change");
+}
+
+/// The Prometheus exposition, with state gauges read from the snapshot now.
+async fn metrics(gw: web::Data<Gateway>) -> HttpResponse {
+    let snapshot = gw.state.load();
+    for (b, live) in gw.topology.backends.iter().zip(&snapshot.backends) {
+        gw.metrics.set_backend(
+            &b.id,
+            &b.region,
+            live.health,
+            live.drained,
+            live.latency_us as f64 / 1e6,
+        );
+    }
+    gw.metrics
+        .snapshot_age_seconds
+        .set(gw.state.age().as_secs_f64());
+    let errors = gw.store.error_count();
+    let counted = gw.metrics.store_errors.get();
+    if errors > counted {
+        gw.metrics.store_errors.inc_by(errors - counted);
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(gw.metrics.render())
 }
 
 async fn openapi() -> HttpResponse {

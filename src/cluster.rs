@@ -111,6 +111,8 @@ pub fn config_policies(settings: &Settings) -> Vec<(String, OrgPolicy)> {
 
 pub struct ClusterState {
     snapshot: ArcSwap<Snapshot>,
+    /// When the snapshot was last reloaded from the store (Unix ms).
+    reloaded_ms: AtomicU64,
     /// Bumped whenever the snapshot is replaced; cached decisions made under an older
     /// epoch are not reused.
     epoch: Arc<AtomicU64>,
@@ -120,8 +122,15 @@ impl ClusterState {
     pub fn new(initial: Snapshot, epoch: Arc<AtomicU64>) -> ClusterState {
         ClusterState {
             snapshot: ArcSwap::from_pointee(initial),
+            reloaded_ms: AtomicU64::new(crate::store::unix_ms(std::time::SystemTime::now())),
             epoch,
         }
+    }
+
+    /// Time since the snapshot was last reloaded from the store.
+    pub fn age(&self) -> Duration {
+        let now = crate::store::unix_ms(std::time::SystemTime::now());
+        Duration::from_millis(now.saturating_sub(self.reloaded_ms.load(Ordering::Relaxed)))
     }
 
     fn bump(&self) {
@@ -176,6 +185,10 @@ impl ClusterState {
         let next = Snapshot::build(topology, &admin, &health, &policies);
         let previous = self.snapshot.swap(Arc::new(next));
         self.bump();
+        self.reloaded_ms.store(
+            crate::store::unix_ms(std::time::SystemTime::now()),
+            Ordering::Relaxed,
+        );
         if previous.orgs.len() != self.load().orgs.len() {
             tracing::info!(orgs = self.load().orgs.len(), "org policies changed");
         }

@@ -115,12 +115,24 @@ async fn probe_backend(
             tracing::debug!(error = %e, "probe lease unavailable");
         }
     }
+    let timer = gw
+        .metrics
+        .probe_seconds
+        .with_label_values(&[&backend.id])
+        .start_timer();
     let probe = match tokio::time::timeout(settings.timeout, probe(gw, up, backend)).await {
         Ok(p) => p,
         Err(_) => Probe::Failed {
             reason: format!("no answer within {:?}", settings.timeout),
         },
     };
+    timer.observe_duration();
+    if matches!(probe, Probe::Failed { .. }) {
+        gw.metrics
+            .probe_failures
+            .with_label_values(&[&backend.id])
+            .inc();
+    }
     let previous = gw.state.load().backends[backend.idx].record.clone();
     let record = fold(
         previous.as_ref(),

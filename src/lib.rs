@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod config;
 pub mod gateway;
 pub mod health;
+pub mod metrics;
 pub mod oci;
 pub mod placement;
 pub mod route;

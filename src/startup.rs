@@ -46,7 +46,8 @@ impl Application {
                 RedisTarget::parse(url).map_err(|e| anyhow::anyhow!("store.url: {e}"))?,
             )),
         };
-        let gateway = web::Data::new(Gateway::new(&settings, store));
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let gateway = web::Data::new(Gateway::new(&settings, store, metrics));
         let listener = TcpListener::bind(settings.listen_addr())
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.server.listen))?;
         let addr = listener.local_addr()?;
@@ -198,37 +199,138 @@ fn hostname() -> String {
         .unwrap_or_else(|| "regatta".into())
 }
 
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The client's `X-Request-Id` when it is a sane token, else a fresh one.
+fn request_id(req: &HttpRequest) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    if let Some(given) = req
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        let sane = !given.is_empty()
+            && given.len() <= 128
+            && given
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if sane {
+            return given.to_owned();
+        }
+    }
+    let seed = *SEED.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        nanos ^ (u64::from(std::process::id()) << 32)
+    });
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{seed:016x}-{n:x}")
+}
+
+/// Every registry API request: an id (returned as `X-Request-Id` and on every log line of
+/// the request), the answer, its metrics and its log line.
 async fn dispatch(
     req: HttpRequest,
     gw: web::Data<Gateway>,
     up: web::Data<Upstream>,
-) -> Result<HttpResponse, ApiError> {
-    let logging = tracing::enabled!(tracing::Level::INFO);
-    let started = logging.then(std::time::Instant::now);
+) -> HttpResponse {
+    let started = std::time::Instant::now();
+    let id = request_id(&req);
+    let span = tracing::info_span!("request", request_id = %id);
+    let (route, result) =
+        tracing::Instrument::instrument(answer(&req, &gw, &up), span.clone()).await;
+    let mut response = match result {
+        Ok(response) => response,
+        Err(e) => actix_web::ResponseError::error_response(&e),
+    };
+    if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&id) {
+        response.headers_mut().insert(
+            actix_web::http::header::HeaderName::from_static(REQUEST_ID_HEADER),
+            value,
+        );
+    }
+    let status = response.status();
+    let org = org_label(&gw, req.path());
+    gw.metrics
+        .requests
+        .with_label_values(&[route, req.method().as_str(), status.as_str(), org])
+        .inc();
+    gw.metrics
+        .request_seconds
+        .with_label_values(&[route])
+        .observe(started.elapsed().as_secs_f64());
+    if tracing::enabled!(tracing::Level::INFO) {
+        let _entered = span.enter();
+        let backend = response
+            .headers()
+            .get(gateway::BACKEND_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        tracing::info!(
+            method = %req.method(),
+            path = req.path(),
+            route,
+            status = status.as_u16(),
+            backend,
+            micros = started.elapsed().as_micros() as u64,
+            "request"
+        );
+    }
+    response
+}
+
+/// The org a path names, when it is one this node serves (bounded label values).
+fn org_label<'a>(gw: &Gateway, path: &'a str) -> &'a str {
+    let org = path
+        .strip_prefix("/v2/")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or("");
+    if !org.is_empty() && gw.state.load().orgs.contains_key(org) {
+        org
+    } else {
+        "-"
+    }
+}
+
+async fn answer(
+    req: &HttpRequest,
+    gw: &Gateway,
+    up: &Upstream,
+) -> (&'static str, Result<HttpResponse, ApiError>) {
     // The warm path: a blob redirect already decided under the current epoch.
     if req.method() == Method::GET {
-        if let Some(hit) = gw.knowledge.redirect(req.path()) {
+        let hit = gw.knowledge.redirect(req.path());
+        gw.metrics.hit("redirect", hit.is_some());
+        if let Some(hit) = hit {
+            if let Ok(id) = hit.backend.to_str() {
+                gw.metrics
+                    .decisions
+                    .with_label_values(&[id, "blob", hit.delivery, "cached"])
+                    .inc();
+            }
             let response = HttpResponse::TemporaryRedirect()
                 .insert_header((actix_web::http::header::LOCATION, hit.location.clone()))
                 .insert_header((gateway::BACKEND_HEADER, hit.backend.clone()))
                 .finish();
-            let result = Ok(response);
-            if let Some(started) = started {
-                log_request(&req, "blob", &result, started);
-            }
-            return result;
+            return ("blob", Ok(response));
         }
     }
     let Some(parsed) = route::parse(req.path()) else {
-        return Err(ApiError::NameUnknown(format!(
-            "no such path: {}",
-            req.path()
-        )));
+        return (
+            "unknown",
+            Err(ApiError::NameUnknown(format!(
+                "no such path: {}",
+                req.path()
+            ))),
+        );
     };
-    let (kind, result) = match parsed {
+    match parsed {
         Ok(route) => {
             let kind = route.kind();
-            (kind, gateway::handle(&gw, &up, &req, route).await)
+            (kind, gateway::handle(gw, up, req, route).await)
         }
         // A write to a malformed path is still first of all a write.
         Err(_) if !matches!(*req.method(), Method::GET | Method::HEAD) => (
@@ -239,36 +341,5 @@ async fn dispatch(
             ))),
         ),
         Err(e) => ("invalid", Err(e)),
-    };
-    if let Some(started) = started {
-        log_request(&req, kind, &result, started);
     }
-    result
-}
-
-fn log_request(
-    req: &HttpRequest,
-    route: &'static str,
-    result: &Result<HttpResponse, ApiError>,
-    started: std::time::Instant,
-) {
-    let status = match result {
-        Ok(r) => r.status().as_u16(),
-        Err(e) => actix_web::ResponseError::status_code(e).as_u16(),
-    };
-    let backend = result
-        .as_ref()
-        .ok()
-        .and_then(|r| r.headers().get(gateway::BACKEND_HEADER))
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    tracing::info!(
-        method = %req.method(),
-        path = req.path(),
-        route,
-        status,
-        backend,
-        micros = started.elapsed().as_micros() as u64,
-        "request"
-    );
 }

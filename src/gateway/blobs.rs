@@ -56,8 +56,24 @@ pub async fn serve(
         };
         match outcome {
             Ok(response) => {
-                if !head && response.status() == StatusCode::TEMPORARY_REDIRECT {
-                    remember_redirect(gw, req, b, digest, &response, epoch);
+                if !head {
+                    if response.status() == StatusCode::TEMPORARY_REDIRECT {
+                        remember_redirect(gw, req, b, digest, &response, epoch);
+                    }
+                    let backend = gw.topology.backend(b);
+                    let delivery = gw
+                        .knowledge
+                        .delivery(backend.delivery, b)
+                        .map_or("auto", |d| d.as_str());
+                    let reason = if b == holders[0] {
+                        "holder"
+                    } else {
+                        "failover"
+                    };
+                    gw.metrics
+                        .decisions
+                        .with_label_values(&[&backend.id, "blob", delivery, reason])
+                        .inc();
                 }
                 return Ok(response);
             }
@@ -86,8 +102,12 @@ fn remember_redirect(
     epoch: u64,
 ) {
     let backend = gw.topology.backend(b);
-    let good_for = match gw.knowledge.delivery(backend.delivery, b) {
-        Some(Delivery::Direct) => Some(Duration::MAX),
+    let delivery = gw
+        .knowledge
+        .delivery(backend.delivery, b)
+        .unwrap_or(Delivery::Resolve);
+    let good_for = match delivery {
+        Delivery::Direct => Some(Duration::MAX),
         _ => gw.knowledge.resolved_remaining(b, digest),
     };
     let (Some(good_for), Some(location), Some(id)) = (
@@ -97,8 +117,14 @@ fn remember_redirect(
     ) else {
         return;
     };
-    gw.knowledge
-        .keep_redirect(req.path(), epoch, location.clone(), id.clone(), good_for);
+    gw.knowledge.keep_redirect(
+        req.path(),
+        epoch,
+        location.clone(),
+        id.clone(),
+        delivery.as_str(),
+        good_for,
+    );
 }
 
 enum Failure {
@@ -337,10 +363,10 @@ async fn fetch_blob(
     if auto {
         gw.knowledge.learn_detected(backend.idx, Detected::Proxy);
     }
-    Ok(stream(response, backend, digest))
+    Ok(stream(gw, response, backend, digest))
 }
 
-fn stream(response: Response, backend: &Backend, digest: &Digest) -> HttpResponse {
+fn stream(gw: &Gateway, response: Response, backend: &Backend, digest: &Digest) -> HttpResponse {
     let mut out = HttpResponse::build(response.status());
     for name in [
         header::CONTENT_TYPE,
@@ -357,7 +383,12 @@ fn stream(response: Response, backend: &Backend, digest: &Digest) -> HttpRespons
     if let Some(len) = content_length(&response) {
         out.no_chunking(len);
     }
-    out.streaming(response)
+    let proxied = gw.metrics.proxied_bytes.with_label_values(&[&backend.id]);
+    out.streaming(futures_util::StreamExt::inspect(response, move |chunk| {
+        if let Ok(bytes) = chunk {
+            proxied.inc_by(bytes.len() as u64);
+        }
+    }))
 }
 
 fn redirect(url: &str, backend: &Backend) -> HttpResponse {

@@ -61,6 +61,8 @@ const REDIRECT_REUSE: Duration = Duration::from_secs(10);
 pub struct Redirect {
     pub location: actix_web::http::header::HeaderValue,
     pub backend: actix_web::http::header::HeaderValue,
+    /// `direct` or `resolve`, for metrics.
+    pub delivery: &'static str,
     epoch: u64,
     until: Instant,
 }
@@ -390,6 +392,7 @@ impl Knowledge {
         epoch: u64,
         location: actix_web::http::header::HeaderValue,
         backend: actix_web::http::header::HeaderValue,
+        delivery: &'static str,
         good_for: Duration,
     ) {
         let until = Instant::now() + good_for.min(REDIRECT_REUSE);
@@ -398,6 +401,7 @@ impl Knowledge {
             Arc::new(Redirect {
                 location,
                 backend,
+                delivery,
                 epoch,
                 until,
             }),

@@ -36,6 +36,7 @@ pub async fn serve(
     match reference {
         Reference::Digest(digest) => {
             let (manifest, backend) = by_digest(gw, up, org, name, &digest, &accept).await?;
+            gw.count_manifest(backend, false);
             Ok(respond(&manifest, gw.backend_id(backend), false))
         }
         Reference::Tag(tag) => {
@@ -46,6 +47,7 @@ pub async fn serve(
                 return Ok(head_from_record(record, resolved.stale));
             }
             let (manifest, backend) = by_digest(gw, up, org, name, &record.digest, &accept).await?;
+            gw.count_manifest(backend, resolved.stale);
             Ok(respond(&manifest, gw.backend_id(backend), resolved.stale))
         }
     }
@@ -54,6 +56,14 @@ pub async fn serve(
 impl Gateway {
     pub(super) fn backend_id(&self, idx: BackendIdx) -> &str {
         &self.topology.backend(idx).id
+    }
+
+    fn count_manifest(&self, backend: BackendIdx, stale: bool) {
+        let reason = if stale { "stale" } else { "holder" };
+        self.metrics
+            .decisions
+            .with_label_values(&[self.backend_id(backend), "manifest", "gateway", reason])
+            .inc();
     }
 }
 
@@ -115,8 +125,12 @@ async fn resolve_tag(
     accept: &[String],
 ) -> Result<Resolved, ApiError> {
     let known = gw.knowledge.tag(name, tag).await;
+    let fresh = known
+        .as_ref()
+        .is_some_and(|r| r.age(SystemTime::now()) < org.tag_ttl);
+    gw.metrics.hit("tag", fresh);
     if let Some(record) = &known {
-        if record.age(SystemTime::now()) < org.tag_ttl {
+        if fresh {
             return Ok(Resolved {
                 record: record.clone(),
                 stale: false,
@@ -152,6 +166,10 @@ async fn resolve_tag(
                         age_s = record.age(SystemTime::now()).as_secs(),
                         "serving the last known digest of a tag: its authority is failing"
                     );
+                    gw.metrics
+                        .stale_serves
+                        .with_label_values(&[&org.name])
+                        .inc();
                     return Ok(Resolved {
                         record,
                         stale: true,
@@ -300,7 +318,9 @@ pub(super) async fn by_digest(
     accept: &[String],
 ) -> Result<(Arc<Manifest>, BackendIdx), ApiError> {
     let candidates = gw.candidates(org, name, digest).await;
-    if let (Some(manifest), Some(first)) = (gw.knowledge.manifest(digest), candidates.first()) {
+    let cached = gw.knowledge.manifest(digest);
+    gw.metrics.hit("manifest", cached.is_some());
+    if let (Some(manifest), Some(first)) = (cached, candidates.first()) {
         if first.holding == Holding::Has {
             return Ok((manifest, first.backend));
         }

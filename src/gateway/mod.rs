@@ -20,6 +20,7 @@ pub use knowledge::{Detected, Knowledge, Manifest};
 use crate::api_error::ApiError;
 use crate::cluster::{ClusterState, Snapshot};
 use crate::config::{CacheSettings, Settings};
+use crate::metrics::Metrics;
 use crate::placement::{self, BackendView, Candidate, Health};
 use crate::route::Route;
 use crate::store::Store;
@@ -36,10 +37,11 @@ pub struct Gateway {
     pub auth: Arc<AuthCache>,
     pub state: Arc<ClusterState>,
     pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Gateway {
-    pub fn new(settings: &Settings, store: Arc<dyn Store>) -> Gateway {
+    pub fn new(settings: &Settings, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Gateway {
         let topology = Arc::new(Topology::from_settings(settings));
         let epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
         Gateway {
@@ -57,6 +59,7 @@ impl Gateway {
             cache: settings.cache.clone(),
             auth: Arc::new(AuthCache::new()),
             store,
+            metrics,
         }
     }
 
@@ -104,12 +107,17 @@ impl Gateway {
         digest: &crate::oci::Digest,
     ) -> Vec<Candidate> {
         let holdings = self.knowledge.holdings(org, name, digest).await;
+        let known = holdings.contains(&placement::Holding::Has);
+        self.metrics.hit("holder", known);
+        let timer = self.metrics.placement_seconds.start_timer();
         let snapshot = self.state.load();
-        placement::rank(
+        let ranked = placement::rank(
             &self.topology.region,
             &self.views(&snapshot, org),
             &holdings,
-        )
+        );
+        timer.observe_duration();
+        ranked
     }
 }
 

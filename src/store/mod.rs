@@ -105,6 +105,11 @@ pub trait Store: Send + Sync + 'static {
     /// Short name for logs: `memory`, `redis`.
     fn kind(&self) -> &'static str;
 
+    /// Calls that failed since start.
+    fn error_count(&self) -> u64 {
+        0
+    }
+
     /// For each backend id, what is known about it holding `digest` in `repo`.
     async fn holdings(
         &self,

@@ -158,11 +158,6 @@ impl RedisStore {
         }
     }
 
-    /// Commands that failed since start (connection errors, timeouts).
-    pub fn error_count(&self) -> u64 {
-        self.shared.errors.load(Ordering::Relaxed)
-    }
-
     async fn exec(&self, request: Request) -> Result<redis::Value, StoreError> {
         let shared = self.shared.clone();
         let joined = self
@@ -345,6 +340,10 @@ fn now_ms() -> u64 {
 impl Store for RedisStore {
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    fn error_count(&self) -> u64 {
+        self.shared.errors.load(Ordering::Relaxed)
     }
 
     async fn holdings(

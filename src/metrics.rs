@@ -1,0 +1,177 @@
+//! Every Prometheus metric regatta exports, declared in one place and passed to the code
+//! that counts (no counters as globals). Gauges that describe state (backend health, drains,
+//! snapshot age, store errors) are read from the snapshot when `/metrics` is scraped.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::placement::Health;
+
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by route, method, status and org.
+    pub requests: IntCounterVec,
+    pub request_seconds: HistogramVec,
+    /// Where manifests and blobs were sent: backend, delivery, reason.
+    pub decisions: IntCounterVec,
+    pub placement_seconds: Histogram,
+    pub backend_health: IntGaugeVec,
+    pub backend_drained: IntGaugeVec,
+    pub backend_latency_seconds: GaugeVec,
+    pub probe_seconds: HistogramVec,
+    pub probe_failures: IntCounterVec,
+    pub admin_changes: IntCounterVec,
+    /// Cache lookups by cache (holder, tag, manifest, redirect) and result (hit, miss).
+    pub cache: IntCounterVec,
+    pub stale_serves: IntCounterVec,
+    pub store_errors: IntCounter,
+    pub snapshot_age_seconds: Gauge,
+    pub proxied_bytes: IntCounterVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0,
+];
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        macro_rules! register {
+            ($metric:expr) => {{
+                let m = $metric.expect("metric definitions are valid");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("metric names are unique");
+                m
+            }};
+        }
+        let metrics = Metrics {
+            requests: register!(IntCounterVec::new(
+                Opts::new("regatta_requests_total", "Registry API requests by route, method, status and org"),
+                &["route", "method", "status", "org"]
+            )),
+            request_seconds: register!(HistogramVec::new(
+                HistogramOpts::new("regatta_request_duration_seconds", "Time to answer a registry API request")
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                &["route"]
+            )),
+            decisions: register!(IntCounterVec::new(
+                Opts::new(
+                    "regatta_decisions_total",
+                    "Where manifests and blobs were sent: backend, kind, delivery and reason (holder, failover, stale, cached)"
+                ),
+                &["backend", "kind", "delivery", "reason"]
+            )),
+            placement_seconds: register!(Histogram::with_opts(
+                HistogramOpts::new("regatta_placement_duration_seconds", "Time to rank the backends for one digest")
+                    .buckets(LATENCY_BUCKETS.to_vec())
+            )),
+            backend_health: register!(IntGaugeVec::new(
+                Opts::new("regatta_backend_health", "Backend health as this node sees it: 2 up, 1 degraded, 0 down"),
+                &["backend", "region"]
+            )),
+            backend_drained: register!(IntGaugeVec::new(
+                Opts::new("regatta_backend_drained", "1 while an operator has drained the backend"),
+                &["backend"]
+            )),
+            backend_latency_seconds: register!(GaugeVec::new(
+                Opts::new("regatta_backend_latency_seconds", "Smoothed probe latency of the backend"),
+                &["backend"]
+            )),
+            probe_seconds: register!(HistogramVec::new(
+                HistogramOpts::new("regatta_probe_duration_seconds", "Health probe duration by backend")
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                &["backend"]
+            )),
+            probe_failures: register!(IntCounterVec::new(
+                Opts::new("regatta_probe_failures_total", "Failed health probes by backend"),
+                &["backend"]
+            )),
+            admin_changes: register!(IntCounterVec::new(
+                Opts::new("regatta_admin_changes_total", "Admin changes made through this node (drain, undrain, ...)"),
+                &["action"]
+            )),
+            cache: register!(IntCounterVec::new(
+                Opts::new("regatta_cache_lookups_total", "Cache lookups by cache and result"),
+                &["cache", "result"]
+            )),
+            stale_serves: register!(IntCounterVec::new(
+                Opts::new(
+                    "regatta_stale_tag_serves_total",
+                    "Tags served from the last known digest because the org's authority failed"
+                ),
+                &["org"]
+            )),
+            store_errors: register!(IntCounter::new(
+                "regatta_store_errors_total",
+                "Failed calls to the shared store (Redis)"
+            )),
+            snapshot_age_seconds: register!(Gauge::new(
+                "regatta_snapshot_age_seconds",
+                "Time since this node last reloaded the cluster snapshot from the store"
+            )),
+            proxied_bytes: register!(IntCounterVec::new(
+                Opts::new("regatta_proxied_bytes_total", "Blob bytes streamed through the gateway by backend"),
+                &["backend"]
+            )),
+            registry,
+        };
+        #[cfg(target_os = "linux")]
+        {
+            let process = prometheus::process_collector::ProcessCollector::for_self();
+            metrics
+                .registry
+                .register(Box::new(process))
+                .expect("process metrics register once");
+        }
+        metrics
+    }
+
+    pub fn hit(&self, cache: &str, hit: bool) {
+        self.cache
+            .with_label_values(&[cache, if hit { "hit" } else { "miss" }])
+            .inc();
+    }
+
+    pub fn set_backend(
+        &self,
+        id: &str,
+        region: &str,
+        health: Health,
+        drained: bool,
+        latency_s: f64,
+    ) {
+        let value = match health {
+            Health::Up => 2,
+            Health::Degraded => 1,
+            Health::Down => 0,
+        };
+        self.backend_health
+            .with_label_values(&[id, region])
+            .set(value);
+        self.backend_drained
+            .with_label_values(&[id])
+            .set(drained as i64);
+        self.backend_latency_seconds
+            .with_label_values(&[id])
+            .set(latency_s);
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding of gathered metrics");
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
