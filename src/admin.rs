@@ -114,6 +114,19 @@ async fn metrics(gw: web::Data<Gateway>) -> HttpResponse {
             live.latency_us as f64 / 1e6,
         );
     }
+    for (name, org) in &snapshot.orgs {
+        let available = org
+            .backends
+            .iter()
+            .filter(|&&b| {
+                !snapshot.backends[b].drained && snapshot.backends[b].health != Health::Down
+            })
+            .count();
+        gw.metrics
+            .org_available_backends
+            .with_label_values(&[name])
+            .set(available as i64);
+    }
     gw.metrics
         .snapshot_age_seconds
         .set(gw.state.age().as_secs_f64());

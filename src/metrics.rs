@@ -20,6 +20,7 @@ pub struct Metrics {
     pub backend_health: IntGaugeVec,
     pub backend_drained: IntGaugeVec,
     pub backend_latency_seconds: GaugeVec,
+    pub org_available_backends: IntGaugeVec,
     pub probe_seconds: HistogramVec,
     pub probe_failures: IntCounterVec,
     pub admin_changes: IntCounterVec,
@@ -80,6 +81,13 @@ impl Metrics {
             backend_latency_seconds: register!(GaugeVec::new(
                 Opts::new("regatta_backend_latency_seconds", "Smoothed probe latency of the backend"),
                 &["backend"]
+            )),
+            org_available_backends: register!(IntGaugeVec::new(
+                Opts::new(
+                    "regatta_org_available_backends",
+                    "Backends of the org that are neither down nor drained"
+                ),
+                &["org"]
             )),
             probe_seconds: register!(HistogramVec::new(
                 HistogramOpts::new("regatta_probe_duration_seconds", "Health probe duration by backend")

@@ -34,61 +34,74 @@ pub async fn serve(
     // Read before deciding: a decision made while something changed is not reused.
     let epoch = gw.knowledge.epoch();
     let mut candidates = gw.candidates(org, name, digest).await;
+    let mut probed = false;
     if candidates.first().is_none_or(|c| c.holding != Holding::Has) {
         probe(gw, up, org, name, digest, &candidates).await;
+        probed = true;
         candidates = gw.candidates(org, name, digest).await;
     }
-    let holders: Vec<BackendIdx> = candidates
-        .iter()
-        .filter(|c| c.holding == Holding::Has)
-        .map(|c| c.backend)
-        .collect();
-    if holders.is_empty() {
-        let unknown = ApiError::BlobUnknown(format!("{name}@{digest}"));
-        return Err(gw.none_serves(org, name, digest, unknown).await);
-    }
-    let mut last_failure = String::new();
-    for &b in &holders {
-        let outcome = if head {
-            head_blob(gw, up, org, b, name, digest).await
-        } else {
-            deliver(gw, up, req, org, b, name, digest).await
-        };
-        match outcome {
-            Ok(response) => {
-                if !head {
-                    if response.status() == StatusCode::TEMPORARY_REDIRECT {
-                        remember_redirect(gw, req, b, digest, &response, epoch);
+    let mut tried: Vec<BackendIdx> = Vec::new();
+    loop {
+        let holders: Vec<BackendIdx> = candidates
+            .iter()
+            .filter(|c| c.holding == Holding::Has && !tried.contains(&c.backend))
+            .map(|c| c.backend)
+            .collect();
+        for &b in &holders {
+            let outcome = if head {
+                head_blob(gw, up, org, b, name, digest).await
+            } else {
+                deliver(gw, up, req, org, b, name, digest).await
+            };
+            match outcome {
+                Ok(response) => {
+                    if !head {
+                        if response.status() == StatusCode::TEMPORARY_REDIRECT {
+                            remember_redirect(gw, req, b, digest, &response, epoch);
+                        }
+                        count_decision(
+                            gw,
+                            b,
+                            if tried.is_empty() {
+                                "holder"
+                            } else {
+                                "failover"
+                            },
+                        );
                     }
-                    let backend = gw.topology.backend(b);
-                    let delivery = gw
-                        .knowledge
-                        .delivery(backend.delivery, b)
-                        .map_or("auto", |d| d.as_str());
-                    let reason = if b == holders[0] {
-                        "holder"
-                    } else {
-                        "failover"
-                    };
-                    gw.metrics
-                        .decisions
-                        .with_label_values(&[&backend.id, "blob", delivery, reason])
-                        .inc();
+                    return Ok(response);
                 }
-                return Ok(response);
+                Err(Failure::Missing) => {
+                    gw.knowledge.learn(name, digest, b, Holding::Lacks).await;
+                }
+                Err(Failure::Broken(reason)) => {
+                    tracing::warn!(backend = gw.backend_id(b), %name, %digest, %reason, "blob delivery failed; trying the next holder");
+                }
             }
-            Err(Failure::Missing) => {
-                gw.knowledge.learn(name, digest, b, Holding::Lacks).await;
-            }
-            Err(Failure::Broken(reason)) => {
-                tracing::warn!(backend = gw.backend_id(b), %name, %digest, %reason, "blob delivery failed; trying the next holder");
-                last_failure = reason;
-            }
+            tried.push(b);
         }
+        // Every known holder failed: ask the backends nothing is known about yet.
+        if probed || !candidates.iter().any(|c| c.holding == Holding::Unknown) {
+            break;
+        }
+        probe(gw, up, org, name, digest, &candidates).await;
+        probed = true;
+        candidates = gw.candidates(org, name, digest).await;
     }
-    tracing::debug!(%last_failure, "no holder could deliver");
     let unknown = ApiError::BlobUnknown(format!("{name}@{digest}"));
     Err(gw.none_serves(org, name, digest, unknown).await)
+}
+
+fn count_decision(gw: &Gateway, b: BackendIdx, reason: &str) {
+    let backend = gw.topology.backend(b);
+    let delivery = gw
+        .knowledge
+        .delivery(backend.delivery, b)
+        .map_or("auto", |d| d.as_str());
+    gw.metrics
+        .decisions
+        .with_label_values(&[&backend.id, "blob", delivery, reason])
+        .inc();
 }
 
 /// Keeps a redirect for the warm path: as long as nothing changes, for at most a few
