@@ -16,6 +16,8 @@ tools=(
   htpasswd:apache2-utils
   openssl:openssl
   redis-server:redis-server
+  prometheus:prometheus
+  promtool:prometheus
 )
 missing=()
 for pair in "${tools[@]}"; do

@@ -14,7 +14,9 @@ pub fn init(settings: &LogSettings) {
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
-            .with_current_span(false)
+            // `span.request_id` on every line logged while a request is handled.
+            .with_current_span(true)
+            .with_span_list(false)
             .try_init(),
         LogFormat::Pretty => builder.try_init(),
     };

@@ -68,6 +68,12 @@ impl TestApp {
         self.send(method, url, &headers, body).await
     }
 
+    /// A GET of any URL with no extra headers.
+    pub async fn send_raw(&self, url: &str) -> Answer {
+        self.send(awc::http::Method::GET, url.to_owned(), &[], None)
+            .await
+    }
+
     pub fn admin_url(&self) -> String {
         format!(
             "http://127.0.0.1:{}",

@@ -14,5 +14,6 @@ mod cluster;
 mod errors;
 mod freshness;
 mod listing;
+mod observability;
 mod placement;
 mod pulls;

@@ -1,0 +1,334 @@
+//! Metrics, dashboards, alert rules and request ids, checked with the real tools: promtool,
+//! a Prometheus server scraping a node, and the node's own JSON log.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use awc::http::Method;
+use serde_json::Value;
+
+use crate::clients::skopeo_pull;
+use crate::helpers::{spawn_app, wait_for_http, Config};
+use crate::images;
+use crate::procs::{free_port, require, run_ok, wait_until, Proc};
+use crate::registry::{Registry, Shape};
+
+const DASHBOARDS: [&str; 3] = ["overview", "backends", "cluster"];
+
+fn promtool_check_metrics(text: &str) {
+    require("promtool");
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every query of every panel, with Grafana's variables filled in as a dashboard would.
+fn panel_queries() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for name in DASHBOARDS {
+        let path = format!("{}/dashboards/{name}.json", env!("CARGO_MANIFEST_DIR"));
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let vars: Vec<&str> = doc["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert!(
+            vars.contains(&"datasource"),
+            "{name}: no datasource variable"
+        );
+        for panel in doc["panels"].as_array().unwrap() {
+            assert_eq!(
+                panel["datasource"]["uid"], "${datasource}",
+                "{name}: panel uses the variable"
+            );
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"]
+                    .as_str()
+                    .unwrap()
+                    .replace("$__rate_interval", "30s")
+                    .replace("$job", "regatta");
+                out.push((
+                    format!("{name} / {}", panel["title"].as_str().unwrap()),
+                    expr,
+                ));
+            }
+        }
+    }
+    out
+}
+
+struct Prometheus {
+    port: u16,
+    _dir: tempfile::TempDir,
+    _proc: Proc,
+}
+
+impl Prometheus {
+    fn start(target: &str) -> Prometheus {
+        require("prometheus");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}/dashboards/alerts.yml\nscrape_configs:\n  - job_name: regatta\n    static_configs:\n      - targets: ['{target}']\n",
+                env!("CARGO_MANIFEST_DIR")
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new("prometheus");
+        cmd.arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn");
+        let proc = Proc::spawn("prometheus", cmd, &dir.path().join("prometheus.log"));
+        wait_until("prometheus to listen", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Prometheus {
+            port,
+            _dir: dir,
+            _proc: proc,
+        }
+    }
+
+    async fn query(&self, expr: &str) -> Value {
+        let url = format!(
+            "http://127.0.0.1:{}/api/v1/query?{}",
+            self.port,
+            url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("query", expr)
+                .finish()
+        );
+        let mut response = awc::Client::new().get(url).send().await.unwrap();
+        response
+            .json::<Value>()
+            .limit(16 * 1024 * 1024)
+            .await
+            .unwrap()
+    }
+}
+
+#[actix_web::test]
+async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
+    let mut a = Registry::start(Shape::Anonymous, None);
+    let b = Registry::start(Shape::Anonymous, None);
+    let mut dead = Registry::start(Shape::Anonymous, None);
+    let work = tempfile::tempdir().unwrap();
+    let image = images::multiarch(
+        &work.path().join("image"),
+        "observability",
+        "1.0",
+        3,
+        32 * 1024,
+    );
+    a.push(&image, "acme/app", "1.0");
+    b.push(&image, "acme/app", "1.0");
+    let node = spawn_app(
+        &Config::new()
+            .admin()
+            .health("1h", 2)
+            .backend("a", &a, "proxy")
+            .backend("b", &b, "proxy")
+            .backend("c", &dead, "direct")
+            .org("acme", &["a", "b"], "1s", &[])
+            .org("spare", &["c"], "30s", &[]),
+    )
+    .await;
+    dead.stop();
+    let prometheus = Prometheus::start(&format!("127.0.0.1:{}", node.admin_port.unwrap()));
+
+    // Traffic: a pull (streamed through: proxy delivery), an admin drain and undrain, a
+    // failover (a dies; the next layer request finds b), then stale tags.
+    let reference = format!("{}/acme/app:1.0", node.host());
+    let first = skopeo_pull(&reference, &work.path().join("first"));
+    assert_eq!(first.top, image.index.digest);
+    assert_eq!(
+        node.admin(Method::POST, "/admin/v1/backends/b/drain", None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        node.admin(Method::POST, "/admin/v1/backends/b/undrain", None)
+            .await
+            .status,
+        200
+    );
+    a.stop();
+    let layer = &image.platform("amd64").layers[1].digest;
+    assert_eq!(
+        node.blob_backend("acme/app", layer).await,
+        "b",
+        "failover to b"
+    );
+    std::thread::sleep(Duration::from_millis(1200)); // the tag TTL (1 s) runs out
+    let second = skopeo_pull(&reference, &work.path().join("second"));
+    assert_eq!(second.top, image.index.digest);
+    assert_eq!(node.get("/v2/nobody/app/manifests/1.0").await.status, 403);
+
+    let metrics = node
+        .send_raw(&format!("{}/metrics", node.admin_url()))
+        .await;
+    assert_eq!(metrics.status, 200, "/metrics needs no token");
+    let text = String::from_utf8(metrics.body).unwrap();
+    promtool_check_metrics(&text);
+    for name in [
+        "regatta_requests_total",
+        "regatta_decisions_total",
+        "regatta_placement_duration_seconds_bucket",
+        "regatta_backend_health",
+        "regatta_stale_tag_serves_total",
+        "regatta_proxied_bytes_total",
+        "process_cpu_seconds_total",
+    ] {
+        assert!(text.contains(name), "/metrics lacks {name}");
+    }
+
+    let mut answers = Vec::new();
+    for (panel, expr) in panel_queries() {
+        let mut last = Value::Null;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let doc = prometheus.query(&expr).await;
+            assert_eq!(doc["status"], "success", "{panel}: {expr}: {doc}");
+            if doc["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+            {
+                last = doc["data"]["result"].clone();
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{panel}: `{expr}` returned no data: {last}"
+            );
+            actix_web::rt::time::sleep(Duration::from_millis(500)).await;
+        }
+        answers.push(format!("{panel}: {last}"));
+    }
+    println!(
+        "dashboard queries and what they returned:\n{}",
+        answers.join("\n")
+    );
+
+    // The alert rules load and evaluate in the same server.
+    let rules = prometheus.query("ALERTS").await;
+    assert_eq!(rules["status"], "success");
+}
+
+#[test]
+fn alert_rules_pass_promtool() {
+    require("promtool");
+    let mut cmd = Command::new("promtool");
+    cmd.args(["check", "rules"]).arg(format!(
+        "{}/dashboards/alerts.yml",
+        env!("CARGO_MANIFEST_DIR")
+    ));
+    let out = run_ok(cmd, Duration::from_secs(60));
+    assert!(out.contains("SUCCESS"), "{out}");
+}
+
+#[actix_web::test]
+async fn request_ids_are_returned_and_logged() {
+    let registry = Registry::start(Shape::Anonymous, None);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("regatta.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[log]\nformat = \"json\"\nfilter = \"info\"\n[[backends]]\nid = \"hub\"\nurl = \"{}\"\ndelivery = \"direct\"\n[[orgs]]\nname = \"acme\"\nbackends = [\"hub\"]\n",
+            registry.url()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("regatta.log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_regatta"));
+    cmd.arg("serve").arg("--config").arg(&config);
+    let _node = Proc::spawn("regatta", cmd, &log);
+    wait_for_http(&format!("http://127.0.0.1:{port}/healthz")).await;
+
+    let client = awc::Client::new();
+    let given = client
+        .get(format!(
+            "http://127.0.0.1:{port}/v2/acme/app/manifests/none"
+        ))
+        .insert_header(("X-Request-Id", "test-request-42"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(given.status(), 404);
+    assert_eq!(
+        given.headers().get("x-request-id").unwrap(),
+        "test-request-42"
+    );
+    let fresh = client
+        .get(format!("http://127.0.0.1:{port}/v2/"))
+        .send()
+        .await
+        .unwrap();
+    let fresh_id = fresh
+        .headers()
+        .get("x-request-id")
+        .expect("a generated id")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(fresh_id.len() >= 8);
+    let bad = client
+        .get(format!("http://127.0.0.1:{port}/v2/Bad/x/manifests/1"))
+        .insert_header(("X-Request-Id", "spaces are not allowed"))
+        .send()
+        .await
+        .unwrap();
+    let bad_id = bad
+        .headers()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(bad_id, "spaces are not allowed");
+
+    for id in ["test-request-42", fresh_id.as_str(), bad_id.as_str()] {
+        wait_until(
+            &format!("a log line for {id}"),
+            Duration::from_secs(10),
+            || {
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|line| {
+                        serde_json::from_str::<Value>(line).is_ok_and(|v| {
+                            v["span"]["request_id"] == id && v["message"] == "request"
+                        })
+                    })
+            },
+        );
+    }
+}
