@@ -26,6 +26,8 @@ pub struct Settings {
     #[serde(default)]
     pub log: LogSettings,
     #[serde(default)]
+    pub tracing: TracingSettings,
+    #[serde(default)]
     pub admin: AdminSettings,
     #[serde(default)]
     pub health: HealthSettings,
@@ -61,6 +63,36 @@ pub enum StoreSettings {
     /// `redis+sentinel://host:port,host:port/master-name` (Sentinel) or
     /// `redis+cluster://host:port,host:port` (Cluster); `rediss` variants use TLS.
     Redis { url: String },
+}
+
+/// OpenTelemetry traces. Off unless `otlp_endpoint` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingSettings {
+    /// Collector address: `http://host:4317` for gRPC, `http://host:4318` for HTTP.
+    pub otlp_endpoint: Option<String>,
+    pub protocol: OtlpProtocol,
+    /// Share of new traces recorded (a caller's sampled trace is always continued).
+    pub sample_ratio: f64,
+    pub service_name: String,
+}
+
+impl Default for TracingSettings {
+    fn default() -> Self {
+        TracingSettings {
+            otlp_endpoint: None,
+            protocol: OtlpProtocol::Grpc,
+            sample_ratio: 1.0,
+            service_name: "regatta".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpProtocol {
+    Grpc,
+    Http,
 }
 
 /// The operator's API, on its own listener. Off unless `listen` is set.
@@ -402,6 +434,20 @@ impl Settings {
                     "must be at least 16 characters".into(),
                 ),
                 Some(_) => {}
+            }
+        }
+        if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
+            problem(
+                "tracing.sample_ratio".into(),
+                "must be between 0 and 1".into(),
+            );
+        }
+        if let Some(endpoint) = &self.tracing.otlp_endpoint {
+            if url::Url::parse(endpoint).map_or(true, |u| !matches!(u.scheme(), "http" | "https")) {
+                problem(
+                    "tracing.otlp_endpoint".into(),
+                    format!("'{endpoint}' is not an http(s) URL"),
+                );
             }
         }
         if self.health.interval < Duration::from_millis(50) {

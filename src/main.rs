@@ -84,7 +84,6 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            regatta::telemetry::init(&settings.log);
             match serve(settings) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -99,6 +98,7 @@ fn main() -> ExitCode {
 
 #[actix_web::main]
 async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let telemetry = regatta::telemetry::init(&settings.log, &settings.tracing);
     let app = Application::build(settings)?;
     tracing::info!(addr = %app.addr(), "registry API listening");
     println!("regatta listening on http://{}", app.addr());
@@ -114,6 +114,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             handle.stop(true).await;
         }
     });
-    app.run_until_stopped().await?;
+    let served = app.run_until_stopped().await;
+    // The OTLP exporter's shutdown blocks; on actix's runtime it must run off the loop.
+    let _ = actix_web::rt::task::spawn_blocking(move || telemetry.shutdown()).await;
+    served?;
     Ok(())
 }

@@ -239,7 +239,13 @@ async fn dispatch(
 ) -> HttpResponse {
     let started = std::time::Instant::now();
     let id = request_id(&req);
-    let span = tracing::info_span!("request", request_id = %id);
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        http.method = %req.method(),
+        http.target = req.path(),
+    );
+    crate::telemetry::continue_trace(&span, req.headers());
     let (route, result) =
         tracing::Instrument::instrument(answer(&req, &gw, &up), span.clone()).await;
     let mut response = match result {

@@ -188,23 +188,34 @@ impl Upstream {
             backend: backend.id.clone(),
             reason: e.to_string(),
         };
-        match request().send().await {
-            Ok(response) => Ok(response),
-            // A pooled keep-alive connection the backend had already closed: the calls are
-            // all GET or HEAD, so one retry on a fresh connection is safe. Failing to
-            // connect at all is an answer in itself.
-            Err(e)
-                if !matches!(
-                    e,
-                    awc::error::SendRequestError::Connect(_)
-                        | awc::error::SendRequestError::Timeout
-                ) =>
-            {
-                tracing::debug!(backend = &*backend.id, error = %e, "retrying on a fresh connection");
-                request().send().await.map_err(failed)
+        let span = tracing::info_span!(
+            "backend_call",
+            backend = &*backend.id,
+            http.method = %call.method,
+            http.target = %call.path,
+        );
+        let attempt = async {
+            // The call's own span is the parent the backend sees in `traceparent`.
+            let trace = crate::telemetry::trace_headers();
+            let with_trace = |mut request: awc::ClientRequest| {
+                for (k, v) in &trace {
+                    request = request.insert_header((k.as_str(), v.as_str()));
+                }
+                request
+            };
+            match with_trace(request()).send().await {
+                Ok(response) => Ok(response),
+                // A pooled keep-alive connection the backend had already closed, or a
+                // connection lost on the way: the calls are all GET or HEAD, so one retry on a
+                // fresh connection is safe. A refused connection or a timeout is an answer.
+                Err(e) if !is_definitive(&e) => {
+                    tracing::debug!(backend = &*backend.id, error = %e, "retrying on a fresh connection");
+                    with_trace(request()).send().await.map_err(failed)
+                }
+                Err(e) => Err(failed(e)),
             }
-            Err(e) => Err(failed(e)),
-        }
+        };
+        tracing::Instrument::instrument(attempt, span).await
     }
 
     /// The `Authorization` value for a call needing `scope`, if the backend wants one.
@@ -233,9 +244,11 @@ impl Upstream {
                         }
                     }
                 }
-                let (token, lifetime) = self
-                    .fetch_token(backend, &realm, service.as_deref(), scope)
-                    .await?;
+                let (token, lifetime) = tracing::Instrument::instrument(
+                    self.fetch_token(backend, &realm, service.as_deref(), scope),
+                    tracing::info_span!("token_fetch", backend = &*backend.id, scope),
+                )
+                .await?;
                 self.auth
                     .tokens
                     .insert(key, (token.clone(), Instant::now() + lifetime));
@@ -296,6 +309,22 @@ impl Upstream {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| token_error("token response has no token".into()))?;
         Ok((token.into(), token_lifetime(body.expires_in)))
+    }
+}
+
+/// Whether a failed call says the backend cannot be reached (as opposed to a connection that
+/// broke and may work again at once).
+fn is_definitive(e: &awc::error::SendRequestError) -> bool {
+    use awc::error::{ConnectError, SendRequestError};
+    match e {
+        SendRequestError::Timeout => true,
+        SendRequestError::Connect(ConnectError::Io(io)) => matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut
+        ),
+        SendRequestError::Connect(ConnectError::Disconnected) => false,
+        SendRequestError::Connect(_) => true,
+        _ => false,
     }
 }
 

@@ -106,7 +106,11 @@ impl Gateway {
         name: &crate::oci::RepoName,
         digest: &crate::oci::Digest,
     ) -> Vec<Candidate> {
-        let holdings = self.knowledge.holdings(org, name, digest).await;
+        let holdings = tracing::Instrument::instrument(
+            self.knowledge.holdings(org, name, digest),
+            tracing::info_span!("placement", org = %org.name, digest = %digest),
+        )
+        .await;
         let known = holdings.contains(&placement::Holding::Has);
         self.metrics.hit("holder", known);
         let timer = self.metrics.placement_seconds.start_timer();

@@ -160,10 +160,10 @@ impl RedisStore {
 
     async fn exec(&self, request: Request) -> Result<redis::Value, StoreError> {
         let shared = self.shared.clone();
-        let joined = self
+        let call = self
             .runtime
-            .spawn(async move { shared.exec(request).await })
-            .await;
+            .spawn(async move { shared.exec(request).await });
+        let joined = tracing::Instrument::instrument(call, tracing::info_span!("redis")).await;
         let result = joined.unwrap_or_else(|e| {
             Err(redis::RedisError::from((
                 redis::ErrorKind::Io,

@@ -100,15 +100,24 @@ impl TestApp {
         headers: &[(&str, &str)],
         body: Option<serde_json::Value>,
     ) -> Answer {
-        let mut req = self.client.request(method, url);
-        for (k, v) in headers {
-            req = req.append_header((*k, *v));
-        }
-        let mut resp = match body {
-            Some(b) => req.send_json(&b).await,
-            None => req.send().await,
-        }
-        .expect("gateway answers");
+        let build = || {
+            let mut req = self.client.request(method.clone(), url.clone());
+            for (k, v) in headers {
+                req = req.append_header((*k, *v));
+            }
+            req
+        };
+        let send = |req: awc::ClientRequest| async {
+            match &body {
+                Some(b) => req.send_json(b).await,
+                None => req.send().await,
+            }
+        };
+        // A keep-alive connection the server closed between two calls: one retry.
+        let mut resp = match send(build()).await {
+            Ok(resp) => resp,
+            Err(_) => send(build()).await.expect("gateway answers"),
+        };
         let body = resp
             .body()
             .limit(64 * 1024 * 1024)
@@ -276,7 +285,7 @@ pub async fn spawn_app(config: &Config) -> TestApp {
     std::fs::write(&path, &text).unwrap();
     let settings = Settings::load(Some(&path), std::iter::empty())
         .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{text}"));
-    regatta::telemetry::init(&settings.log);
+    let _ = regatta::telemetry::init(&settings.log, &settings.tracing);
     let app = Application::build(settings).expect("gateway starts");
     let port = app.port();
     let admin_port = app.admin_addr().map(|a| a.port());

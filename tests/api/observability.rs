@@ -332,3 +332,182 @@ async fn request_ids_are_returned_and_logged() {
         );
     }
 }
+
+/// Each request a backend saw: `METHOD /path` and its `traceparent`.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>;
+
+/// A backend that answers every blob and remembers the `traceparent` of every request.
+struct RecordingBackend {
+    port: u16,
+    seen: Seen,
+    handle: actix_web::dev::ServerHandle,
+}
+
+impl RecordingBackend {
+    async fn start() -> RecordingBackend {
+        use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+        let seen: Seen = Default::default();
+        let record = seen.clone();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = HttpServer::new(move || {
+            let record = record.clone();
+            App::new().default_service(web::to(move |req: HttpRequest| {
+                let record = record.clone();
+                async move {
+                    let traceparent = req
+                        .headers()
+                        .get("traceparent")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    record
+                        .lock()
+                        .unwrap()
+                        .push((format!("{} {}", req.method(), req.path()), traceparent));
+                    if req.path() == "/v2/" {
+                        return HttpResponse::Ok().json(serde_json::json!({}));
+                    }
+                    HttpResponse::Ok()
+                        .content_type("application/octet-stream")
+                        .body("recorded blob")
+                }
+            }))
+        })
+        .workers(1)
+        .disable_signals()
+        .listen(listener)
+        .unwrap()
+        .run();
+        let handle = server.handle();
+        actix_web::rt::spawn(server);
+        wait_for_http(&format!("http://127.0.0.1:{port}/v2/")).await;
+        RecordingBackend { port, seen, handle }
+    }
+}
+
+impl Drop for RecordingBackend {
+    fn drop(&mut self) {
+        let handle = self.handle.clone();
+        actix_web::rt::spawn(async move { handle.stop(false).await });
+    }
+}
+
+#[actix_web::test]
+async fn a_request_is_traced_to_the_collector_and_continued_at_the_backend() {
+    let mut collector = fake_opentelemetry_collector::FakeCollectorServer::start()
+        .await
+        .unwrap();
+    let backend = RecordingBackend::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("regatta.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[log]\nformat = \"json\"\nfilter = \"warn\"\n[tracing]\notlp_endpoint = \"{}\"\nprotocol = \"grpc\"\n[health]\ninterval = \"1h\"\n[[backends]]\nid = \"rec\"\nurl = \"http://127.0.0.1:{}\"\ndelivery = \"proxy\"\n[[orgs]]\nname = \"acme\"\nbackends = [\"rec\"]\n",
+            collector.endpoint(),
+            backend.port
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_regatta"));
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100");
+    let _node = Proc::spawn("regatta", cmd, &dir.path().join("regatta.log"));
+    wait_for_http(&format!("http://127.0.0.1:{port}/healthz")).await;
+    backend.seen.lock().unwrap().clear();
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let digest = "sha256:8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4";
+    let mut response = awc::Client::new()
+        .get(format!(
+            "http://127.0.0.1:{port}/v2/acme/app/blobs/{digest}"
+        ))
+        .insert_header(("traceparent", format!("00-{trace_id}-{caller_span}-01")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.body().await.unwrap(), "recorded blob");
+
+    // The backend calls made for this request (not the health prober's own, which start
+    // traces of their own) carried the same trace, each with its own parent span.
+    let seen: Vec<_> = backend
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(call, _)| call.contains("/blobs/"))
+        .cloned()
+        .collect();
+    assert!(!seen.is_empty());
+    for (call, traceparent) in &seen {
+        let traceparent = traceparent
+            .as_deref()
+            .unwrap_or_else(|| panic!("{call} carried no traceparent"));
+        let parts: Vec<&str> = traceparent.split('-').collect();
+        assert_eq!(parts[1], trace_id, "{call}: {traceparent}");
+        assert_ne!(
+            parts[2], caller_span,
+            "{call}: the gateway's own span is the parent"
+        );
+    }
+
+    // The spans of that request reached the collector: request, placement, backend calls.
+    let mut spans = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        spans.extend(
+            collector
+                .exported_spans(1, Duration::from_millis(500))
+                .await,
+        );
+        let names: Vec<&str> = spans
+            .iter()
+            .filter(|s| s.trace_id == trace_id)
+            .map(|s| s.name.as_str())
+            .collect();
+        if ["request", "placement", "backend_call"]
+            .iter()
+            .all(|n| names.contains(n))
+        {
+            break;
+        }
+    }
+    let ours: Vec<_> = spans.iter().filter(|s| s.trace_id == trace_id).collect();
+    let request = ours
+        .iter()
+        .find(|s| s.name == "request")
+        .unwrap_or_else(|| {
+            panic!(
+                "no request span among {:?}",
+                ours.iter().map(|s| &s.name).collect::<Vec<_>>()
+            )
+        });
+    assert_eq!(
+        request.parent_span_id, caller_span,
+        "the caller's trace is continued"
+    );
+    let placement = ours
+        .iter()
+        .find(|s| s.name == "placement")
+        .expect("a placement span");
+    assert_eq!(placement.parent_span_id, request.span_id);
+    let calls: Vec<_> = ours.iter().filter(|s| s.name == "backend_call").collect();
+    assert!(!calls.is_empty(), "backend call spans");
+    for call in calls {
+        assert_eq!(
+            call.parent_span_id, request.span_id,
+            "backend calls are children of the request"
+        );
+        let traceparents: Vec<String> = seen.iter().filter_map(|(_, t)| t.clone()).collect();
+        assert!(
+            traceparents.iter().any(|t| t.contains(&call.span_id)),
+            "the backend saw span {} as its parent: {traceparents:?}",
+            call.span_id
+        );
+    }
+}
