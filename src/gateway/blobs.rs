@@ -62,11 +62,7 @@ pub async fn serve(
                         count_decision(
                             gw,
                             b,
-                            if tried.is_empty() {
-                                "holder"
-                            } else {
-                                "failover"
-                            },
+                            decision_reason(gw, &candidates, b, !tried.is_empty()),
                         );
                     }
                     return Ok(response);
@@ -90,6 +86,29 @@ pub async fn serve(
     }
     let unknown = ApiError::BlobUnknown(format!("{name}@{digest}"));
     Err(gw.none_serves(org, name, digest, unknown).await)
+}
+
+/// Why `b` served: after another holder failed (`failover`), as the node's own region's
+/// holder while holders elsewhere exist (`region`), or simply as the best holder.
+fn decision_reason(
+    gw: &Gateway,
+    candidates: &[crate::placement::Candidate],
+    b: BackendIdx,
+    after_failure: bool,
+) -> &'static str {
+    if after_failure {
+        return "failover";
+    }
+    let region = &gw.topology.region;
+    let local = gw.topology.backend(b).region == *region;
+    let elsewhere = candidates
+        .iter()
+        .any(|c| c.holding == Holding::Has && gw.topology.backend(c.backend).region != *region);
+    if local && elsewhere {
+        "region"
+    } else {
+        "holder"
+    }
 }
 
 fn count_decision(gw: &Gateway, b: BackendIdx, reason: &str) {

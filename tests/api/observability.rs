@@ -209,6 +209,21 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         assert!(text.contains(name), "/metrics lacks {name}");
     }
 
+    // Keep traffic flowing while the panels are read, so rates show what a live node does.
+    let traffic = {
+        let url = node.url(&format!("/v2/acme/app/blobs/{layer}"));
+        let manifest = node.url(&format!("/v2/acme/app/manifests/{}", image.index.digest));
+        actix_web::rt::spawn(async move {
+            let client = awc::Client::new();
+            loop {
+                if let Ok(mut r) = client.get(&url).send().await {
+                    let _ = r.body().limit(64 * 1024 * 1024).await;
+                }
+                let _ = client.head(&manifest).send().await;
+                actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
     let mut answers = Vec::new();
     for (panel, expr) in panel_queries() {
         let mut last = Value::Null;
@@ -231,6 +246,7 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         }
         answers.push(format!("{panel}: {last}"));
     }
+    traffic.abort();
     println!(
         "dashboard queries and what they returned:\n{}",
         answers.join("\n")
