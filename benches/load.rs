@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use procs::{free_port, require, run_ok, wait_until, Proc};
 use registry::{Registry, Shape};
-use support::{env_or, median, Node};
+use support::{env_or, median, start_node};
 
 struct Target {
     name: &'static str,
@@ -153,9 +153,9 @@ fn main() {
     let org = format!(
         "[[backends]]\nid = \"hub\"\nurl = \"{backend}\"\nregion = \"eu\"\ndelivery = \"direct\"\n[[orgs]]\nname = \"acme\"\nbackends = [\"hub\"]\n"
     );
-    let memory_node = Node::start(dir, "regatta", &org);
+    let memory_node = start_node(dir, "regatta", &org);
     let redis = redis_server::Redis::start();
-    let redis_node = Node::start(
+    let redis_node = start_node(
         dir,
         "regatta-redis",
         &format!("[store]\ntype = \"redis\"\nurl = \"{}\"\n[health]\ninterval = \"1h\"\n[cluster]\nrefresh_interval = \"1h\"\n{org}", redis.url()),
@@ -169,7 +169,7 @@ fn main() {
             "--preserve-digests",
             "--src-tls-verify=false",
         ])
-        .arg(format!("docker://{}/acme/app:1.0", node.host()))
+        .arg(format!("docker://127.0.0.1:{}/acme/app:1.0", node.port))
         .arg(format!(
             "oci:{}:warm",
             dir.join(format!("warm-{}", node.port)).display()

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use procs::{require, run_ok};
 use registry::{Registry, Shape};
-use support::{env_or, median, Node};
+use support::{env_or, median, start_node};
 
 fn pull(reference: &str, out: &std::path::Path) -> Duration {
     let started = Instant::now();
@@ -57,7 +57,7 @@ fn main() {
         layer_kib * 1024,
     );
     registry.push(&image, "acme/app", "1.0");
-    let node = Node::start(
+    let node = start_node(
         dir,
         "regatta",
         &format!(
@@ -66,7 +66,7 @@ fn main() {
         ),
     );
     let direct = format!("{}/acme/app:1.0", registry.host());
-    let gateway = format!("{}/acme/app:1.0", node.host());
+    let gateway = format!("127.0.0.1:{}/acme/app:1.0", node.port);
     // One untimed pull each: caches on both sides as they are in steady use.
     pull(&direct, &dir.join("warm-direct"));
     pull(&gateway, &dir.join("warm-gateway"));

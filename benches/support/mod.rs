@@ -1,43 +1,21 @@
 //! Shared by the load and pull benchmarks: a release-build regatta node as its own process.
 
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
 
-use crate::procs::{free_port, wait_until, Proc};
+use crate::helpers::NodeProcess;
 
-pub struct Node {
-    pub port: u16,
-    _proc: Proc,
-}
-
-impl Node {
-    /// Starts `regatta serve` with `extra` configuration (backends, orgs, store) under `dir`.
-    pub fn start(dir: &Path, name: &str, extra: &str) -> Node {
-        let port = free_port();
-        let config = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "[server]\nlisten = \"127.0.0.1:{port}\"\nregion = \"eu\"\n{workers}[log]\nformat = \"json\"\nfilter = \"warn\"\n{extra}",
-                workers = std::env::var("LOAD_WORKERS").map(|w| format!("workers = {w}\n")).unwrap_or_default(),
-            ),
-        )
-        .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_regatta"));
-        cmd.arg("serve").arg("--config").arg(&config);
-        let proc = Proc::spawn(name, cmd, &dir.join(format!("{name}.log")));
-        wait_until(
-            &format!("{name} to listen"),
-            Duration::from_secs(30),
-            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
-        );
-        Node { port, _proc: proc }
-    }
-
-    pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
+/// A release-build node with `extra` configuration, JSON logs at `warn`, and `LOAD_WORKERS`
+/// workers when that is set.
+pub fn start_node(dir: &Path, name: &str, extra: &str) -> NodeProcess {
+    let workers = std::env::var("LOAD_WORKERS")
+        .map(|w| format!("workers = {w}\n"))
+        .unwrap_or_default();
+    NodeProcess::start(
+        dir,
+        name,
+        &format!("region = \"eu\"\n{workers}[log]\nformat = \"json\"\nfilter = \"warn\"\n{extra}"),
+        &[],
+    )
 }
 
 pub fn median(values: &mut [f64]) -> f64 {

@@ -22,6 +22,11 @@ pub struct Pulled {
 
 /// `skopeo copy --all docker://GATEWAY/REF oci:DIR:tag`; every blob in DIR is re-hashed.
 pub fn skopeo_pull(reference: &str, out: &Path) -> Pulled {
+    skopeo_pull_retrying(reference, out, 0)
+}
+
+/// The same, with skopeo retrying failed transfers `retries` times, as real clients do.
+pub fn skopeo_pull_retrying(reference: &str, out: &Path, retries: u32) -> Pulled {
     require("skopeo");
     let mut cmd = Command::new("skopeo");
     cmd.args([
@@ -30,8 +35,8 @@ pub fn skopeo_pull(reference: &str, out: &Path) -> Pulled {
         "--preserve-digests",
         "--src-tls-verify=false",
         "--retry-times",
-        "0",
     ])
+    .arg(retries.to_string())
     .arg(format!("docker://{reference}"))
     .arg(format!("oci:{}:pulled", out.display()));
     run_ok(cmd, PULL_LIMIT);

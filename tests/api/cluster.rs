@@ -8,7 +8,7 @@ use awc::http::Method;
 use crate::clients::skopeo_pull;
 use crate::helpers::{spawn_app, Config, TestApp};
 use crate::images::{self, Image};
-use crate::procs::{run_ok, wait_until};
+use crate::procs::wait_until;
 use crate::redis_server::Redis;
 use crate::registry::{Registry, Shape};
 
@@ -128,21 +128,8 @@ async fn a_backend_killed_during_a_pull_is_failed_over_and_marked_down() {
     let reference = format!("{}/acme/app:1.0", node.host());
     let out = work.path().join("out");
     // Real clients retry a failed layer; skopeo does so with --retry-times.
-    let pull = std::thread::spawn(move || {
-        let mut cmd = std::process::Command::new("skopeo");
-        cmd.args([
-            "copy",
-            "--all",
-            "--preserve-digests",
-            "--src-tls-verify=false",
-            "--retry-times",
-            "5",
-        ])
-        .arg(format!("docker://{reference}"))
-        .arg(format!("oci:{}:pulled", out.display()));
-        run_ok(cmd, Duration::from_secs(300));
-        crate::clients::read_layout(&out)
-    });
+    let pull =
+        std::thread::spawn(move || crate::clients::skopeo_pull_retrying(&reference, &out, 5));
     // Kill a as soon as clients start fetching layers from it.
     let first_layer = image.layer_digests()[0].clone();
     wait_until(

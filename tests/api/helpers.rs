@@ -324,3 +324,45 @@ pub async fn wait_for_http(url: &str) {
         actix_web::rt::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A `regatta serve` process (the binary under test) with the given configuration sections
+/// after `[server] listen`, its log in `dir`.
+pub struct NodeProcess {
+    pub port: u16,
+    pub log: std::path::PathBuf,
+    _proc: crate::procs::Proc,
+}
+
+impl NodeProcess {
+    pub fn start(
+        dir: &std::path::Path,
+        name: &str,
+        sections: &str,
+        env: &[(&str, &str)],
+    ) -> NodeProcess {
+        let port = crate::procs::free_port();
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!("[server]\nlisten = \"127.0.0.1:{port}\"\n{sections}"),
+        )
+        .unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_regatta"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .envs(env.iter().copied());
+        let proc = crate::procs::Proc::spawn(name, cmd, &log);
+        crate::procs::wait_until(
+            &format!("{name} to listen"),
+            Duration::from_secs(30),
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        );
+        NodeProcess {
+            port,
+            log,
+            _proc: proc,
+        }
+    }
+}

@@ -9,7 +9,7 @@ use awc::http::Method;
 use serde_json::Value;
 
 use crate::clients::skopeo_pull;
-use crate::helpers::{spawn_app, wait_for_http, Config};
+use crate::helpers::{spawn_app, wait_for_http, Config, NodeProcess};
 use crate::images;
 use crate::procs::{free_port, require, run_ok, wait_until, Proc};
 use crate::registry::{Registry, Shape};
@@ -148,18 +148,17 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     );
     a.push(&image, "acme/app", "1.0");
     b.push(&image, "acme/app", "1.0");
-    let node = spawn_app(
-        &Config::new()
-            .admin()
-            .health("1h", 2)
-            .backend("a", &a, "proxy")
-            .backend("b", &b, "proxy")
-            .backend("c", &dead, "direct")
-            .org("acme", &["a", "b"], "1s", &[])
-            .org("spare", &["c"], "30s", &[]),
-    )
-    .await;
+    let config = Config::new()
+        .admin()
+        .health("1h", 2)
+        .backend("a", &a, "proxy")
+        .backend("b", &b, "proxy")
+        .backend("c", &dead, "direct")
+        .org("acme", &["a", "b"], "1s", &[])
+        .org("spare", &["c"], "30s", &[]);
+    // c is dead before the node's first probe: its probes fail from the start.
     dead.stop();
+    let node = spawn_app(&config).await;
     let prometheus = Prometheus::start(&format!("127.0.0.1:{}", node.admin_port.unwrap()));
 
     // Traffic: a pull (streamed through: proxy delivery), an admin drain and undrain, a
@@ -273,20 +272,16 @@ fn alert_rules_pass_promtool() {
 async fn request_ids_are_returned_and_logged() {
     let registry = Registry::start(Shape::Anonymous, None);
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = dir.path().join("regatta.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[log]\nformat = \"json\"\nfilter = \"info\"\n[[backends]]\nid = \"hub\"\nurl = \"{}\"\ndelivery = \"direct\"\n[[orgs]]\nname = \"acme\"\nbackends = [\"hub\"]\n",
+    let node = NodeProcess::start(
+        dir.path(),
+        "regatta",
+        &format!(
+            "[log]\nformat = \"json\"\nfilter = \"info\"\n[[backends]]\nid = \"hub\"\nurl = \"{}\"\ndelivery = \"direct\"\n[[orgs]]\nname = \"acme\"\nbackends = [\"hub\"]\n",
             registry.url()
         ),
-    )
-    .unwrap();
-    let log = dir.path().join("regatta.log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_regatta"));
-    cmd.arg("serve").arg("--config").arg(&config);
-    let _node = Proc::spawn("regatta", cmd, &log);
+        &[],
+    );
+    let (port, log) = (node.port, node.log.clone());
     wait_for_http(&format!("http://127.0.0.1:{port}/healthz")).await;
 
     let client = awc::Client::new();
@@ -415,23 +410,17 @@ async fn a_request_is_traced_to_the_collector_and_continued_at_the_backend() {
         .unwrap();
     let backend = RecordingBackend::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = dir.path().join("regatta.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[log]\nformat = \"json\"\nfilter = \"warn\"\n[tracing]\notlp_endpoint = \"{}\"\nprotocol = \"grpc\"\n[health]\ninterval = \"1h\"\n[[backends]]\nid = \"rec\"\nurl = \"http://127.0.0.1:{}\"\ndelivery = \"proxy\"\n[[orgs]]\nname = \"acme\"\nbackends = [\"rec\"]\n",
+    let node = NodeProcess::start(
+        dir.path(),
+        "regatta",
+        &format!(
+            "[log]\nformat = \"json\"\nfilter = \"warn\"\n[tracing]\notlp_endpoint = \"{}\"\nprotocol = \"grpc\"\n[health]\ninterval = \"1h\"\n[[backends]]\nid = \"rec\"\nurl = \"http://127.0.0.1:{}\"\ndelivery = \"proxy\"\n[[orgs]]\nname = \"acme\"\nbackends = [\"rec\"]\n",
             collector.endpoint(),
             backend.port
         ),
-    )
-    .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_regatta"));
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100");
-    let _node = Proc::spawn("regatta", cmd, &dir.path().join("regatta.log"));
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
+    let port = node.port;
     wait_for_http(&format!("http://127.0.0.1:{port}/healthz")).await;
     backend.seen.lock().unwrap().clear();
 
