@@ -163,6 +163,21 @@ impl Gateway {
         if holdings.iter().all(|h| *h == placement::Holding::Lacks) {
             unknown
         } else {
+            let snapshot = self.state.load();
+            let views = self.views(&snapshot, org);
+            let seen: Vec<String> = views
+                .iter()
+                .zip(&holdings)
+                .map(|(v, h)| {
+                    format!(
+                        "{}: {h:?} {:?} drained={}",
+                        self.topology.backend(v.idx).id,
+                        v.health,
+                        v.drained
+                    )
+                })
+                .collect();
+            tracing::warn!(%name, %digest, backends = ?seen, "no backend can serve");
             ApiError::Unavailable(format!(
                 "no backend of org '{}' can serve {name}@{digest} now",
                 org.name

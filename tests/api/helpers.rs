@@ -84,12 +84,23 @@ impl TestApp {
     /// The backend a node chooses for a blob GET now.
     pub async fn blob_backend(&self, repo: &str, digest: &str) -> String {
         let answer = self.get(&format!("/v2/{repo}/blobs/{digest}")).await;
-        assert!(
-            answer.status == 307 || answer.status == 200,
-            "blob GET answered {}: {}",
-            answer.status,
-            String::from_utf8_lossy(&answer.body)
-        );
+        if answer.status != 307 && answer.status != 200 {
+            let view = match self.admin_port {
+                Some(_) => {
+                    let listed = self
+                        .admin(awc::http::Method::GET, "/admin/v1/backends", None)
+                        .await;
+                    String::from_utf8_lossy(&listed.body).into_owned()
+                }
+                None => String::new(),
+            };
+            panic!(
+                "node {}: blob GET answered {}: {}\nbackends as this node sees them: {view}",
+                self.port,
+                answer.status,
+                String::from_utf8_lossy(&answer.body)
+            );
+        }
         answer.backend().to_owned()
     }
 
