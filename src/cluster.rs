@@ -179,19 +179,30 @@ impl ClusterState {
 
     /// Reads everything shared from the store and swaps in a new snapshot.
     pub async fn reload(&self, topology: &Topology, store: &dyn Store) -> Result<(), StoreError> {
-        let admin = store.admin_states().await?;
-        let health = store.health().await?;
-        let policies = store.policies().await?;
-        let next = Snapshot::build(topology, &admin, &health, &policies);
-        let previous = self.snapshot.swap(Arc::new(next));
-        self.bump();
-        self.reloaded_ms.store(
-            crate::store::unix_ms(std::time::SystemTime::now()),
-            Ordering::Relaxed,
-        );
-        if previous.orgs.len() != self.load().orgs.len() {
-            tracing::info!(orgs = self.load().orgs.len(), "org policies changed");
+        // A change applied here while the store was being read (an admin call on this node,
+        // a probe result) must not be undone by the older read: swap only if the snapshot is
+        // still the one the read started from, else read again.
+        for _ in 0..3 {
+            let base = self.snapshot.load_full();
+            let admin = store.admin_states().await?;
+            let health = store.health().await?;
+            let policies = store.policies().await?;
+            let next = Arc::new(Snapshot::build(topology, &admin, &health, &policies));
+            let orgs = next.orgs.len();
+            let previous = self.snapshot.compare_and_swap(&base, next);
+            if Arc::ptr_eq(&previous, &base) {
+                self.bump();
+                self.reloaded_ms.store(
+                    crate::store::unix_ms(std::time::SystemTime::now()),
+                    Ordering::Relaxed,
+                );
+                if base.orgs.len() != orgs {
+                    tracing::info!(orgs, "org policies changed");
+                }
+                return Ok(());
+            }
         }
+        // Changing faster than it can be read: the next event or tick reloads.
         Ok(())
     }
 }

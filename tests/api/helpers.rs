@@ -196,7 +196,7 @@ impl Config {
     pub fn new() -> Config {
         Config {
             region: "eu".into(),
-            sections: "[log]\nformat = \"pretty\"\nfilter = \"warn\"\n".into(),
+            sections: "[log]\nformat = \"pretty\"\nfilter = \"warn,regatta::audit=info\"\n".into(),
             text: String::new(),
         }
     }
