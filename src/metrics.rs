@@ -30,6 +30,10 @@ pub struct Metrics {
     pub store_errors: IntCounter,
     pub snapshot_age_seconds: Gauge,
     pub proxied_bytes: IntCounterVec,
+    /// Resolved once for the warm path.
+    pub redirect_hits: IntCounter,
+    pub redirect_misses: IntCounter,
+    pub blob_seconds: Histogram,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -49,16 +53,30 @@ impl Metrics {
                 m
             }};
         }
+        let request_seconds: HistogramVec = register!(HistogramVec::new(
+            HistogramOpts::new(
+                "regatta_request_duration_seconds",
+                "Time to answer a registry API request"
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"]
+        ));
+        let cache: IntCounterVec = register!(IntCounterVec::new(
+            Opts::new(
+                "regatta_cache_lookups_total",
+                "Cache lookups by cache and result"
+            ),
+            &["cache", "result"]
+        ));
         let metrics = Metrics {
+            redirect_hits: cache.with_label_values(&["redirect", "hit"]),
+            redirect_misses: cache.with_label_values(&["redirect", "miss"]),
+            blob_seconds: request_seconds.with_label_values(&["blob"]),
             requests: register!(IntCounterVec::new(
                 Opts::new("regatta_requests_total", "Registry API requests by route, method, status and org"),
                 &["route", "method", "status", "org"]
             )),
-            request_seconds: register!(HistogramVec::new(
-                HistogramOpts::new("regatta_request_duration_seconds", "Time to answer a registry API request")
-                    .buckets(LATENCY_BUCKETS.to_vec()),
-                &["route"]
-            )),
+            request_seconds,
             decisions: register!(IntCounterVec::new(
                 Opts::new(
                     "regatta_decisions_total",
@@ -102,10 +120,7 @@ impl Metrics {
                 Opts::new("regatta_admin_changes_total", "Admin changes made through this node (drain, undrain, ...)"),
                 &["action"]
             )),
-            cache: register!(IntCounterVec::new(
-                Opts::new("regatta_cache_lookups_total", "Cache lookups by cache and result"),
-                &["cache", "result"]
-            )),
+            cache,
             stale_serves: register!(IntCounterVec::new(
                 Opts::new(
                     "regatta_stale_tag_serves_total",

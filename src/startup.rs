@@ -239,6 +239,34 @@ async fn dispatch(
 ) -> HttpResponse {
     let started = std::time::Instant::now();
     let id = request_id(&req);
+    // The warm path: a blob redirect already decided under the current epoch, its metrics
+    // resolved when it was decided.
+    let warm = if req.method() == Method::GET {
+        gw.knowledge.redirect(req.path())
+    } else {
+        None
+    };
+    if let Some(hit) = warm {
+        gw.metrics.redirect_hits.inc();
+        hit.decision.inc();
+        hit.requests.inc();
+        let mut response = HttpResponse::TemporaryRedirect()
+            .insert_header((actix_web::http::header::LOCATION, hit.location.clone()))
+            .insert_header((gateway::BACKEND_HEADER, hit.backend.clone()))
+            .finish();
+        set_request_id(&mut response, &id);
+        gw.metrics
+            .blob_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if tracing::enabled!(tracing::Level::INFO) {
+            let span = tracing::info_span!("request", request_id = %id, http.method = "GET", http.target = req.path());
+            log_request(&span, &req, "blob", &response, started);
+        }
+        return response;
+    }
+    if req.method() == Method::GET {
+        gw.metrics.redirect_misses.inc();
+    }
     let span = tracing::info_span!(
         "request",
         request_id = %id,
@@ -252,40 +280,59 @@ async fn dispatch(
         Ok(response) => response,
         Err(e) => actix_web::ResponseError::error_response(&e),
     };
-    if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&id) {
-        response.headers_mut().insert(
-            actix_web::http::header::HeaderName::from_static(REQUEST_ID_HEADER),
-            value,
-        );
-    }
-    let status = response.status();
+    set_request_id(&mut response, &id);
     let org = org_label(&gw, req.path());
     gw.metrics
         .requests
-        .with_label_values(&[route, req.method().as_str(), status.as_str(), org])
+        .with_label_values(&[
+            route,
+            req.method().as_str(),
+            response.status().as_str(),
+            org,
+        ])
         .inc();
     gw.metrics
         .request_seconds
         .with_label_values(&[route])
         .observe(started.elapsed().as_secs_f64());
     if tracing::enabled!(tracing::Level::INFO) {
-        let _entered = span.enter();
-        let backend = response
-            .headers()
-            .get(gateway::BACKEND_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        tracing::info!(
-            method = %req.method(),
-            path = req.path(),
-            route,
-            status = status.as_u16(),
-            backend,
-            micros = started.elapsed().as_micros() as u64,
-            "request"
-        );
+        log_request(&span, &req, route, &response, started);
     }
     response
+}
+
+fn set_request_id(response: &mut HttpResponse, id: &str) {
+    if let Ok(value) = actix_web::http::header::HeaderValue::from_str(id) {
+        response.headers_mut().insert(
+            actix_web::http::header::HeaderName::from_static(REQUEST_ID_HEADER),
+            value,
+        );
+    }
+}
+
+/// One log line per request, inside its span (so it carries the request id).
+fn log_request(
+    span: &tracing::Span,
+    req: &HttpRequest,
+    route: &str,
+    response: &HttpResponse,
+    started: std::time::Instant,
+) {
+    let _entered = span.enter();
+    let backend = response
+        .headers()
+        .get(gateway::BACKEND_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    tracing::info!(
+        method = %req.method(),
+        path = req.path(),
+        route,
+        status = response.status().as_u16(),
+        backend,
+        micros = started.elapsed().as_micros() as u64,
+        "request"
+    );
 }
 
 /// The org a path names, when it is one this node serves (bounded label values).
@@ -306,24 +353,6 @@ async fn answer(
     gw: &Gateway,
     up: &Upstream,
 ) -> (&'static str, Result<HttpResponse, ApiError>) {
-    // The warm path: a blob redirect already decided under the current epoch.
-    if req.method() == Method::GET {
-        let hit = gw.knowledge.redirect(req.path());
-        gw.metrics.hit("redirect", hit.is_some());
-        if let Some(hit) = hit {
-            if let Ok(id) = hit.backend.to_str() {
-                gw.metrics
-                    .decisions
-                    .with_label_values(&[id, "blob", hit.delivery, "cached"])
-                    .inc();
-            }
-            let response = HttpResponse::TemporaryRedirect()
-                .insert_header((actix_web::http::header::LOCATION, hit.location.clone()))
-                .insert_header((gateway::BACKEND_HEADER, hit.backend.clone()))
-                .finish();
-            return ("blob", Ok(response));
-        }
-    }
     let Some(parsed) = route::parse(req.path()) else {
         return (
             "unknown",

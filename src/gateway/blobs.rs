@@ -57,7 +57,7 @@ pub async fn serve(
                 Ok(response) => {
                     if !head {
                         if response.status() == StatusCode::TEMPORARY_REDIRECT {
-                            remember_redirect(gw, req, b, digest, &response, epoch);
+                            remember_redirect(gw, req, name, b, digest, &response, epoch);
                         }
                         count_decision(
                             gw,
@@ -128,6 +128,7 @@ fn count_decision(gw: &Gateway, b: BackendIdx, reason: &str) {
 fn remember_redirect(
     gw: &Gateway,
     req: &HttpRequest,
+    name: &RepoName,
     b: BackendIdx,
     digest: &Digest,
     response: &HttpResponse,
@@ -149,12 +150,20 @@ fn remember_redirect(
     ) else {
         return;
     };
+    let counters = (
+        gw.metrics
+            .decisions
+            .with_label_values(&[&backend.id, "blob", delivery.as_str(), "cached"]),
+        gw.metrics
+            .requests
+            .with_label_values(&["blob", "GET", "307", name.org()]),
+    );
     gw.knowledge.keep_redirect(
         req.path(),
         epoch,
         location.clone(),
         id.clone(),
-        delivery.as_str(),
+        counters,
         good_for,
     );
 }

@@ -61,8 +61,9 @@ const REDIRECT_REUSE: Duration = Duration::from_secs(10);
 pub struct Redirect {
     pub location: actix_web::http::header::HeaderValue,
     pub backend: actix_web::http::header::HeaderValue,
-    /// `direct` or `resolve`, for metrics.
-    pub delivery: &'static str,
+    /// What a reuse counts, resolved once: the decision and the request.
+    pub decision: prometheus::IntCounter,
+    pub requests: prometheus::IntCounter,
     epoch: u64,
     until: Instant,
 }
@@ -392,7 +393,7 @@ impl Knowledge {
         epoch: u64,
         location: actix_web::http::header::HeaderValue,
         backend: actix_web::http::header::HeaderValue,
-        delivery: &'static str,
+        counters: (prometheus::IntCounter, prometheus::IntCounter),
         good_for: Duration,
     ) {
         let until = Instant::now() + good_for.min(REDIRECT_REUSE);
@@ -401,7 +402,8 @@ impl Knowledge {
             Arc::new(Redirect {
                 location,
                 backend,
-                delivery,
+                decision: counters.0,
+                requests: counters.1,
                 epoch,
                 until,
             }),
