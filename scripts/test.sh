@@ -31,6 +31,12 @@ if ((${#missing[@]})); then
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# The OTLP/HTTP receiver the tracing tests export to (PyPI).
+if ! python3 -c "import oteltap" >/dev/null 2>&1; then
+  echo "installing: oteltap (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check oteltap
+fi
+
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then

@@ -516,3 +516,64 @@ async fn a_request_is_traced_to_the_collector_and_continued_at_the_backend() {
         );
     }
 }
+
+#[actix_web::test]
+async fn traces_reach_an_otlp_http_receiver() {
+    require("python3");
+    let mut probe = Command::new("python3");
+    probe.args(["-c", "import oteltap"]);
+    assert!(
+        crate::procs::run(probe, Duration::from_secs(30))
+            .status
+            .success(),
+        "the oteltap Python package is not installed: run scripts/test.sh, which installs it"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let tap_port = free_port();
+    let mut tap = Command::new("python3");
+    tap.args(["-u", "-m", "oteltap", "--port", &tap_port.to_string()]);
+    let tap_log = dir.path().join("oteltap.ndjson");
+    let _tap = Proc::spawn("oteltap", tap, &tap_log);
+    wait_until("oteltap to listen", Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", tap_port)).is_ok()
+    });
+    let registry = Registry::start(Shape::Anonymous, None);
+    let node = NodeProcess::start(
+        dir.path(),
+        "regatta",
+        &format!(
+            "[log]\nformat = \"json\"\nfilter = \"warn\"\n[tracing]\notlp_endpoint = \"http://127.0.0.1:{tap_port}\"\nprotocol = \"http\"\n[health]\ninterval = \"1h\"\n[[backends]]\nid = \"hub\"\nurl = \"{}\"\ndelivery = \"direct\"\n[[orgs]]\nname = \"acme\"\nbackends = [\"hub\"]\n",
+            registry.url()
+        ),
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
+    wait_for_http(&format!("http://127.0.0.1:{}/healthz", node.port)).await;
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let caller_span = "b7ad6b7169203331";
+    let answer = awc::Client::new()
+        .get(format!(
+            "http://127.0.0.1:{}/v2/acme/app/manifests/1.0",
+            node.port
+        ))
+        .insert_header(("traceparent", format!("00-{trace_id}-{caller_span}-01")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 404, "the registry has no such tag");
+    wait_until(
+        "the request span at the OTLP/HTTP receiver",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&tap_log)
+                .unwrap_or_default()
+                .lines()
+                .any(|line| {
+                    serde_json::from_str::<Value>(line).is_ok_and(|span| {
+                        span["traceId"] == trace_id
+                            && span["name"] == "request"
+                            && span["parentSpanId"] == caller_span
+                    })
+                })
+        },
+    );
+}
