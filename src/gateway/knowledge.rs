@@ -13,7 +13,7 @@ use moka::sync::Cache;
 use crate::config::{CacheSettings, Delivery};
 use crate::oci::{Digest, RepoName, Tag};
 use crate::placement::Holding;
-use crate::store::{unix_ms, Store, TagRecord};
+use crate::store::{invalidate_where, unix_ms, Store, TagRecord};
 use crate::topology::{BackendIdx, Org};
 
 /// A manifest as the backend sent it, verified against its digest.
@@ -415,36 +415,12 @@ impl Knowledge {
     pub fn purge(&self, digest: Option<&Digest>, repo: Option<&RepoName>) {
         self.bump();
         if let Some(digest) = digest {
-            let stale: Vec<_> = self
-                .holders
-                .iter()
-                .filter(|(k, _)| &k.1 == digest)
-                .map(|(k, _)| (*k).clone())
-                .collect();
-            for key in stale {
-                self.holders.invalidate(&key);
-            }
-            let urls: Vec<_> = self
-                .resolved
-                .iter()
-                .filter(|(k, _)| &k.1 == digest)
-                .map(|(k, _)| (*k).clone())
-                .collect();
-            for key in urls {
-                self.resolved.invalidate(&key);
-            }
+            invalidate_where(&self.holders, |k| &k.1 == digest);
+            invalidate_where(&self.resolved, |k| &k.1 == digest);
             self.manifests.invalidate(digest);
         }
         if let Some(repo) = repo {
-            let tags: Vec<_> = self
-                .tags
-                .iter()
-                .filter(|(k, _)| &k.0 == repo)
-                .map(|(k, _)| (*k).clone())
-                .collect();
-            for key in tags {
-                self.tags.invalidate(&key);
-            }
+            invalidate_where(&self.tags, |k| &k.0 == repo);
         }
     }
 

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use moka::sync::Cache;
 use tokio::sync::broadcast;
 
-use super::{AdminState, HealthRecord, OrgPolicy, Store, StoreError, TagRecord};
+use super::{invalidate_where, AdminState, HealthRecord, OrgPolicy, Store, StoreError, TagRecord};
 use crate::oci::{Digest, RepoName, Tag};
 use crate::placement::Holding;
 
@@ -123,28 +123,10 @@ impl Store for MemoryStore {
     ) -> Result<u64, StoreError> {
         let mut gone = 0;
         if let Some(digest) = digest {
-            let keys: Vec<HolderKey> = self
-                .holdings
-                .iter()
-                .filter(|(k, _)| &k.1 == digest)
-                .map(|(k, _)| (*k).clone())
-                .collect();
-            for key in keys {
-                self.holdings.invalidate(&key);
-                gone += 1;
-            }
+            gone += invalidate_where(&self.holdings, |k| &k.1 == digest);
         }
         if let Some(repo) = tags_of {
-            let keys: Vec<(RepoName, Tag)> = self
-                .tags
-                .iter()
-                .filter(|(k, _)| &k.0 == repo)
-                .map(|(k, _)| (*k).clone())
-                .collect();
-            for key in keys {
-                self.tags.invalidate(&key);
-                gone += 1;
-            }
+            gone += invalidate_where(&self.tags, |k| &k.0 == repo);
         }
         Ok(gone)
     }

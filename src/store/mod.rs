@@ -180,3 +180,25 @@ pub fn corrupt(key: impl Into<String>, e: impl std::fmt::Display) -> StoreError 
         reason: e.to_string(),
     }
 }
+
+/// Drops every entry of a local cache whose key matches, returning how many went (admin
+/// purges; never on the request path).
+pub(crate) fn invalidate_where<K, V, S>(
+    cache: &moka::sync::Cache<K, V, S>,
+    matches: impl Fn(&K) -> bool,
+) -> u64
+where
+    K: std::hash::Hash + Eq + Send + Sync + Clone + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: std::hash::BuildHasher + Clone + Send + Sync + 'static,
+{
+    let keys: Vec<K> = cache
+        .iter()
+        .filter(|(k, _)| matches(k))
+        .map(|(k, _)| (*k).clone())
+        .collect();
+    for key in &keys {
+        cache.invalidate(key);
+    }
+    keys.len() as u64
+}
