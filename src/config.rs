@@ -50,6 +50,12 @@ pub struct ServerSettings {
     /// Worker threads; defaults to the number of cores.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// PEM certificate chain and private key: the registry API is served over HTTPS
+    /// (clients other than loopback ones need it). Both or neither.
+    #[serde(default)]
+    pub tls_cert: Option<String>,
+    #[serde(default)]
+    pub tls_key: Option<String>,
 }
 
 /// Which store holds shared state (tag cache, digest holders, detected delivery modes).
@@ -409,6 +415,20 @@ impl Settings {
                 ),
             );
         }
+        match (&self.server.tls_cert, &self.server.tls_key) {
+            (Some(_), None) | (None, Some(_)) => problem(
+                "server.tls_key".into(),
+                "tls_cert and tls_key go together".into(),
+            ),
+            (Some(cert), Some(key)) => {
+                for (name, path) in [("server.tls_cert", cert), ("server.tls_key", key)] {
+                    if !Path::new(path).is_file() {
+                        problem(name.into(), format!("'{path}' is not a readable file"));
+                    }
+                }
+            }
+            (None, None) => {}
+        }
         if self.server.workers == Some(0) {
             problem("server.workers".into(), "must be at least 1".into());
         }
@@ -674,6 +694,7 @@ mod tests {
         let bad = r#"
             [server]
             listen = "nowhere"
+            tls_cert = "/nonexistent/cert.pem"
             [[backends]]
             id = "hub"
             url = "ftp://x"
@@ -693,6 +714,7 @@ mod tests {
         let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
         for want in [
             "server.listen",
+            "server.tls_key",
             "backends[0].url",
             "backends[0].password",
             "backends[1].id",

@@ -54,21 +54,18 @@ impl Application {
         let upstream_settings = settings.upstream.clone();
         let auth = gateway.auth.clone();
         let api_gateway = gateway.clone();
-        let mut server = HttpServer::new(move || {
-            App::new()
-                .app_data(api_gateway.clone())
-                .app_data(web::Data::new(Upstream::new(
-                    &upstream_settings,
-                    auth.clone(),
-                )))
-                .wrap(DefaultHeaders::new().add(API_VERSION))
-                .route(
-                    "/healthz",
-                    web::get().to(|| async { HttpResponse::Ok().body("ok") }),
-                )
-                .default_service(web::to(dispatch))
-        })
-        .listen(listener)?;
+        let server = HttpServer::new(move || {
+            registry_app(
+                api_gateway.clone(),
+                Upstream::new(&upstream_settings, auth.clone()),
+            )
+        });
+        let mut server = match (&settings.server.tls_cert, &settings.server.tls_key) {
+            (Some(cert), Some(key)) => {
+                server.listen_rustls_0_23(listener, tls_config(cert, key)?)?
+            }
+            _ => server.listen(listener)?,
+        };
         if let Some(workers) = settings.server.workers {
             server = server.workers(workers);
         }
@@ -188,6 +185,24 @@ pub fn registry_app(
             web::get().to(|| async { HttpResponse::Ok().body("ok") }),
         )
         .default_service(web::to(dispatch))
+}
+
+/// The TLS configuration of the registry API from PEM files.
+fn tls_config(cert: &str, key: &str) -> anyhow::Result<rustls::ServerConfig> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| anyhow::anyhow!("server.tls_cert '{cert}': {e}"))?;
+    if chain.is_empty() {
+        anyhow::bail!("server.tls_cert '{cert}': no certificate in the file");
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| anyhow::anyhow!("server.tls_key '{key}': {e}"))?;
+    rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| anyhow::anyhow!("server.tls_cert/tls_key do not form a usable pair: {e}"))
 }
 
 fn hostname() -> String {

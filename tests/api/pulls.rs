@@ -154,3 +154,56 @@ async fn token_backend_with_cdn_serves_skopeo_podman_and_containerd() {
 async fn htpasswd_backend_serves_skopeo_podman_and_containerd() {
     every_client_pulls_through(Shape::Htpasswd).await;
 }
+
+/// The registry API over HTTPS (`server.tls_cert`/`tls_key`): skopeo pulls every digest.
+#[actix_web::test]
+async fn skopeo_pulls_over_https() {
+    crate::procs::require("openssl");
+    let registry = Registry::start(Shape::Anonymous, None);
+    let work = tempfile::tempdir().unwrap();
+    let image = images::multiarch(&work.path().join("image"), "https", "1.0", 2, 4096);
+    registry.push(&image, "acme/app", "1.0");
+    let (cert, key) = (work.path().join("cert.pem"), work.path().join("key.pem"));
+    let mut openssl = std::process::Command::new("openssl");
+    openssl
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert);
+    crate::procs::run_ok(openssl, std::time::Duration::from_secs(60));
+    let node = crate::helpers::NodeProcess::start(
+        work.path(),
+        "regatta-tls",
+        &format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\n[log]\nformat = \"json\"\nfilter = \"warn\"\n[[backends]]\nid = \"hub\"\nurl = \"{}\"\ndelivery = \"direct\"\n[[orgs]]\nname = \"acme\"\nbackends = [\"hub\"]\n",
+            cert.display(),
+            key.display(),
+            registry.url()
+        ),
+        &[],
+    );
+    // --src-tls-verify=false: the certificate is self-signed; the connection is TLS.
+    let pulled = skopeo_pull(
+        &format!("127.0.0.1:{}/acme/app:1.0", node.port),
+        &work.path().join("out"),
+    );
+    assert_eq!(pulled.top, image.index.digest);
+    assert_eq!(pulled.blobs, image.all_digests());
+    let log = std::fs::read_to_string(&node.log).unwrap();
+    assert!(
+        !log.contains("invalid Header"),
+        "clients spoke TLS to a TLS listener:\n{log}"
+    );
+}
