@@ -122,3 +122,22 @@ pub fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) 
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A self-signed RSA certificate for `common_name` (valid for 127.0.0.1 too), written to
+/// `dir/cert.pem` and `dir/key.pem`; returns (cert, key).
+pub fn self_signed_cert(dir: &Path, common_name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    require("openssl");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+    ])
+    .arg(format!("/CN={common_name}"))
+    .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+    .arg("-keyout")
+    .arg(&key)
+    .arg("-out")
+    .arg(&cert);
+    run_ok(cmd, Duration::from_secs(60));
+    (cert, key)
+}

@@ -158,31 +158,11 @@ async fn htpasswd_backend_serves_skopeo_podman_and_containerd() {
 /// The registry API over HTTPS (`server.tls_cert`/`tls_key`): skopeo pulls every digest.
 #[actix_web::test]
 async fn skopeo_pulls_over_https() {
-    crate::procs::require("openssl");
     let registry = Registry::start(Shape::Anonymous, None);
     let work = tempfile::tempdir().unwrap();
     let image = images::multiarch(&work.path().join("image"), "https", "1.0", 2, 4096);
     registry.push(&image, "acme/app", "1.0");
-    let (cert, key) = (work.path().join("cert.pem"), work.path().join("key.pem"));
-    let mut openssl = std::process::Command::new("openssl");
-    openssl
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-        ])
-        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert);
-    crate::procs::run_ok(openssl, std::time::Duration::from_secs(60));
+    let (cert, key) = crate::procs::self_signed_cert(work.path(), "127.0.0.1");
     let node = crate::helpers::NodeProcess::start(
         work.path(),
         "regatta-tls",

@@ -52,27 +52,8 @@ struct IssuerKeys {
 
 impl TokenIssuer {
     pub async fn start() -> TokenIssuer {
-        require("openssl");
         let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("key.pem");
-        let cert = dir.path().join("cert.pem");
-        let mut cmd = Command::new("openssl");
-        cmd.args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=regatta-test-token",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert);
-        run_ok(cmd, Duration::from_secs(60));
+        let (cert, key) = crate::procs::self_signed_cert(dir.path(), "regatta-test-token");
         let mut der = Command::new("openssl");
         der.args(["x509", "-outform", "DER", "-in"]).arg(&cert);
         let der = crate::procs::run(der, Duration::from_secs(30)).stdout;
