@@ -11,8 +11,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 use regatta::config::Settings;
 use regatta::gateway::Gateway;
+use regatta::model::{Health, Holding};
 use regatta::oci::{Digest, Reference, RepoName};
-use regatta::placement::{rank, BackendView, Health, Holding};
+use regatta::placement::{plan_digest, BackendView};
 use regatta::startup::registry_app;
 use regatta::store::MemoryStore;
 use regatta::upstream::Upstream;
@@ -32,24 +33,23 @@ fn placement(c: &mut Criterion) {
                 } else {
                     Health::Up
                 },
+                failing: false,
                 drained: i % 23 == 0,
                 latency_us: ((i * 7919) % 50_000) as u32,
                 weight: 50 + (i % 4) as u32 * 25,
             })
             .collect();
-        // Warm holder knowledge: every backend known to hold or lack the digest.
+        // Holder knowledge: most backends known to hold or lack the digest, some not asked.
         let holdings: Vec<Holding> = (0..n)
-            .map(|i| {
-                if i % 3 == 0 {
-                    Holding::Lacks
-                } else {
-                    Holding::Has
-                }
+            .map(|i| match i % 5 {
+                0 => Holding::Lacks,
+                1 => Holding::Unknown,
+                _ => Holding::Has,
             })
             .collect();
-        group.bench_with_input(BenchmarkId::new("rank", n), &n, |b, _| {
+        group.bench_with_input(BenchmarkId::new("plan_digest", n), &n, |b, _| {
             b.iter(|| {
-                rank(
+                plan_digest(
                     "eu",
                     std::hint::black_box(&views),
                     std::hint::black_box(&holdings),

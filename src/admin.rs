@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::gateway::Gateway;
+use crate::model::{AdminState, Health, OrgPolicy};
 use crate::oci::{Digest, RepoName};
-use crate::placement::Health;
-use crate::store::{AdminState, OrgPolicy, EVENT_RESYNC};
+use crate::store::EVENT_RESYNC;
 use crate::topology::Org;
 
 pub const OPENAPI: &str = include_str!("../docs/admin-api.openapi.json");
@@ -280,7 +280,9 @@ async fn set_weight(
 }
 
 fn org_json(name: &str, policy: &OrgPolicy) -> serde_json::Value {
-    json!({ "name": name, "backends": policy.backends, "tag_ttl": policy.tag_ttl, "prefixes": policy.prefixes })
+    let mut out = serde_json::to_value(policy).unwrap_or_else(|_| json!({}));
+    out["name"] = json!(name);
+    out
 }
 
 async fn list_orgs(gw: web::Data<Gateway>) -> HttpResponse {

@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use arc_swap::ArcSwap;
 
 use crate::config::Settings;
-use crate::placement::Health;
-use crate::store::{AdminState, HealthRecord, OrgPolicy, Store, StoreError};
+use crate::model::{AdminState, Health, HealthRecord, OrgPolicy};
+use crate::store::{Store, StoreError};
 use crate::topology::{Org, Topology};
 
 /// One backend as the cluster sees it now.
@@ -91,21 +91,43 @@ impl Snapshot {
     }
 }
 
+impl BackendLive {
+    /// What placement weighs of this backend (latency by bucket, as placement sees it).
+    fn weighed(&self) -> (Health, bool, u32, u32) {
+        (
+            self.health,
+            self.drained,
+            self.weight,
+            self.latency_us / crate::placement::LATENCY_BUCKET_US,
+        )
+    }
+}
+
+impl Snapshot {
+    /// True when every decision made under `self` would be made the same under `other`:
+    /// same health, drains, weights, latency buckets and org policies. Only a change that
+    /// could alter a decision moves the epoch (and so drops the decided redirects).
+    pub fn decides_like(&self, other: &Snapshot) -> bool {
+        self.backends.len() == other.backends.len()
+            && self
+                .backends
+                .iter()
+                .zip(&other.backends)
+                .all(|(a, b)| a.weighed() == b.weighed())
+            && self.orgs.len() == other.orgs.len()
+            && self
+                .orgs
+                .iter()
+                .all(|(name, org)| other.orgs.get(name).is_some_and(|o| o.policy == org.policy))
+    }
+}
+
 /// The configured orgs as policies: what seeds an empty store.
 pub fn config_policies(settings: &Settings) -> Vec<(String, OrgPolicy)> {
     settings
         .orgs
         .iter()
-        .map(|o| {
-            (
-                o.name.clone(),
-                OrgPolicy {
-                    backends: o.backends.clone(),
-                    tag_ttl: humantime::format_duration(o.tag_ttl).to_string(),
-                    prefixes: o.prefixes.clone(),
-                },
-            )
-        })
+        .map(|o| (o.name.clone(), o.policy()))
         .collect()
 }
 
@@ -113,8 +135,8 @@ pub struct ClusterState {
     snapshot: ArcSwap<Snapshot>,
     /// When the snapshot was last reloaded from the store (Unix ms).
     reloaded_ms: AtomicU64,
-    /// Bumped whenever the snapshot is replaced; cached decisions made under an older
-    /// epoch are not reused.
+    /// Bumped whenever the snapshot changes in a way that could alter a decision; cached
+    /// decisions made under an older epoch are not reused.
     epoch: Arc<AtomicU64>,
 }
 
@@ -122,14 +144,14 @@ impl ClusterState {
     pub fn new(initial: Snapshot, epoch: Arc<AtomicU64>) -> ClusterState {
         ClusterState {
             snapshot: ArcSwap::from_pointee(initial),
-            reloaded_ms: AtomicU64::new(crate::store::unix_ms(std::time::SystemTime::now())),
+            reloaded_ms: AtomicU64::new(crate::model::unix_ms(std::time::SystemTime::now())),
             epoch,
         }
     }
 
     /// Time since the snapshot was last reloaded from the store.
     pub fn age(&self) -> Duration {
-        let now = crate::store::unix_ms(std::time::SystemTime::now());
+        let now = crate::model::unix_ms(std::time::SystemTime::now());
         Duration::from_millis(now.saturating_sub(self.reloaded_ms.load(Ordering::Relaxed)))
     }
 
@@ -147,6 +169,7 @@ impl ClusterState {
 
     /// Applies a health record this node just produced, without waiting for the store.
     pub fn apply_health(&self, backend: usize, record: HealthRecord) {
+        let before = self.snapshot.load().backends[backend].weighed();
         self.snapshot.rcu(|current| {
             let mut backends = current.backends.clone();
             let live = &mut backends[backend];
@@ -159,11 +182,14 @@ impl ClusterState {
                 loaded_at: current.loaded_at,
             })
         });
-        self.bump();
+        if self.snapshot.load().backends[backend].weighed() != before {
+            self.bump();
+        }
     }
 
     /// Applies an admin decision this node just made, without waiting for the store.
     pub fn apply_admin(&self, backend: usize, configured_weight: u32, state: &AdminState) {
+        let before = self.snapshot.load().backends[backend].weighed();
         self.snapshot.rcu(|current| {
             let mut backends = current.backends.clone();
             backends[backend].drained = state.drained;
@@ -174,7 +200,9 @@ impl ClusterState {
                 loaded_at: current.loaded_at,
             })
         });
-        self.bump();
+        if self.snapshot.load().backends[backend].weighed() != before {
+            self.bump();
+        }
     }
 
     /// Reads everything shared from the store and swaps in a new snapshot.
@@ -189,11 +217,14 @@ impl ClusterState {
             let policies = store.policies().await?;
             let next = Arc::new(Snapshot::build(topology, &admin, &health, &policies));
             let orgs = next.orgs.len();
+            let changed = !next.decides_like(&base);
             let previous = self.snapshot.compare_and_swap(&base, next);
             if Arc::ptr_eq(&previous, &base) {
-                self.bump();
+                if changed {
+                    self.bump();
+                }
                 self.reloaded_ms.store(
-                    crate::store::unix_ms(std::time::SystemTime::now()),
+                    crate::model::unix_ms(std::time::SystemTime::now()),
                     Ordering::Relaxed,
                 );
                 if base.orgs.len() != orgs {

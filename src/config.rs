@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::model::{Delivery, OrgPolicy};
+
 /// Where the default configuration lives when no file is named.
 pub const DEFAULT_CONFIG: &str = "config/default.toml";
 
@@ -170,6 +172,15 @@ pub struct UpstreamSettings {
     /// Time allowed for a backend to answer with a response head.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Longest wait for body bytes: a whole manifest, token or list, or the gap between
+    /// two chunks of a blob streamed through. A backend that stalls longer is abandoned
+    /// (the next holder is tried, or the stream is ended).
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Longest time the gateway works on one client request before answering 503: every
+    /// backend, token and store call it makes for the request fits inside it.
+    #[serde(with = "humantime_serde")]
+    pub request_deadline: Duration,
 }
 
 impl Default for UpstreamSettings {
@@ -177,6 +188,8 @@ impl Default for UpstreamSettings {
         UpstreamSettings {
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(10),
+            request_deadline: Duration::from_secs(60),
         }
     }
 }
@@ -273,42 +286,19 @@ pub struct BackendSettings {
     pub canary: Option<String>,
 }
 
-/// How a blob GET reaches the bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Delivery {
-    /// Detected from the backend's `/v2/` and first blob answers.
-    #[default]
-    Auto,
-    /// 307 to the backend's own blob URL; the backend must allow anonymous reads.
-    Direct,
-    /// The gateway asks the backend (with its credentials) and 307s the client to the
-    /// pre-signed URL the backend redirects to.
-    Resolve,
-    /// The gateway streams the blob through itself.
-    Proxy,
-}
-
-impl Delivery {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Delivery::Auto => "auto",
-            Delivery::Direct => "direct",
-            Delivery::Resolve => "resolve",
-            Delivery::Proxy => "proxy",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OrgSettings {
     /// The first path component this org serves: `acme` serves `acme/*`.
     pub name: String,
-    /// Backend ids in order; the first that answers is the tag authority.
+    /// Backend ids in order of preference among otherwise equal backends.
     pub backends: Vec<String>,
+    /// The backends asked what a tag points at, in order (default: every backend). Leave
+    /// out a mirror that may lag: it is then never asked for a tag.
+    #[serde(default)]
+    pub tag_authorities: Option<Vec<String>>,
     /// How long a tag's digest is trusted before asking the authority again.
-    #[serde(default = "default_tag_ttl", with = "humantime_serde")]
+    #[serde(default = "crate::model::default_tag_ttl", with = "humantime_serde")]
     pub tag_ttl: Duration,
     /// Per backend, the path that replaces the org name: `{ mirror = "acme-images" }` makes
     /// `acme/app` into `acme-images/app` on backend `mirror`.
@@ -316,14 +306,23 @@ pub struct OrgSettings {
     pub prefixes: BTreeMap<String, String>,
 }
 
+impl OrgSettings {
+    /// The policy this org seeds the store with.
+    pub fn policy(&self) -> OrgPolicy {
+        OrgPolicy {
+            backends: self.backends.clone(),
+            tag_authorities: self.tag_authorities.clone(),
+            tag_ttl: self.tag_ttl,
+            prefixes: self.prefixes.clone(),
+        }
+    }
+}
+
 fn default_region() -> String {
     "default".into()
 }
 fn default_weight() -> u32 {
     100
-}
-fn default_tag_ttl() -> Duration {
-    Duration::from_secs(30)
 }
 
 /// One problem in a configuration: the key and what is wrong with it.
@@ -470,6 +469,16 @@ impl Settings {
                 );
             }
         }
+        for (key, value) in [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.request_timeout", self.upstream.request_timeout),
+            ("upstream.read_timeout", self.upstream.read_timeout),
+            ("upstream.request_deadline", self.upstream.request_deadline),
+        ] {
+            if value < Duration::from_millis(10) {
+                problem(key.into(), "must be at least 10ms".into());
+            }
+        }
         if self.health.interval < Duration::from_millis(50) {
             problem("health.interval".into(), "must be at least 50ms".into());
         }
@@ -543,50 +552,17 @@ impl Settings {
             }
         }
 
+        let backend_ids: Vec<&str> = self.backends.iter().map(|b| b.id.as_str()).collect();
         let mut names = std::collections::HashSet::new();
         for (i, org) in self.orgs.iter().enumerate() {
-            let key = |field: &str| format!("orgs[{i}].{field}");
-            if crate::oci::RepoName::parse(&format!("{}/x", org.name)).is_err()
-                || org.name.contains('/')
-            {
+            for (key, reason) in org.policy().problems(&org.name, &backend_ids) {
+                problem(format!("orgs[{i}].{key}"), reason);
+            }
+            if !names.insert(org.name.as_str()) {
                 problem(
-                    key("name"),
-                    format!("'{}' is not a repository name component", org.name),
-                );
-            } else if !names.insert(org.name.as_str()) {
-                problem(
-                    key("name"),
+                    format!("orgs[{i}].name"),
                     format!("'{}' is used by an earlier org", org.name),
                 );
-            }
-            if org.backends.is_empty() {
-                problem(key("backends"), "needs at least one backend".into());
-            }
-            for (j, id) in org.backends.iter().enumerate() {
-                if !self.backends.iter().any(|b| &b.id == id) {
-                    problem(
-                        format!("orgs[{i}].backends[{j}]"),
-                        format!("no backend has id '{id}'"),
-                    );
-                }
-                if org.backends[..j].contains(id) {
-                    problem(
-                        format!("orgs[{i}].backends[{j}]"),
-                        format!("'{id}' is listed twice"),
-                    );
-                }
-            }
-            for (backend, prefix) in &org.prefixes {
-                let key = format!("orgs[{i}].prefixes.{backend}");
-                if !org.backends.contains(backend) {
-                    problem(
-                        key.clone(),
-                        format!("'{backend}' is not one of this org's backends"),
-                    );
-                }
-                if crate::oci::RepoName::parse(&format!("{prefix}/x")).is_err() {
-                    problem(key, format!("'{prefix}' is not a repository path"));
-                }
             }
         }
         out
@@ -614,20 +590,6 @@ fn problem_from_serde(e: &config::ConfigError) -> Problem {
     Problem {
         key: "(file)".into(),
         reason: text,
-    }
-}
-
-/// Serde helpers for durations written as `30s`, `5m`, `24h`.
-mod humantime_serde {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|e| {
-            serde::de::Error::custom(format!("'{s}' is not a duration like 30s or 5m: {e}"))
-        })
     }
 }
 

@@ -9,10 +9,10 @@ use std::time::{Instant, SystemTime};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 
-use crate::config::{Delivery, HealthSettings};
+use crate::config::HealthSettings;
 use crate::gateway::{Detected, Gateway};
-use crate::placement::Health;
-use crate::store::{unix_ms, HealthRecord, EVENT_RESYNC};
+use crate::model::{unix_ms, Delivery, Health, HealthRecord};
+use crate::store::EVENT_RESYNC;
 use crate::topology::{Backend, Credentials};
 use crate::upstream::{header_str, Call, Upstream};
 

@@ -9,6 +9,7 @@ pub mod config;
 pub mod gateway;
 pub mod health;
 pub mod metrics;
+pub mod model;
 pub mod oci;
 pub mod placement;
 pub mod route;

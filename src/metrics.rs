@@ -7,7 +7,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::placement::Health;
+use crate::model::Health;
 
 pub struct Metrics {
     registry: Registry,

@@ -27,7 +27,7 @@ pub struct Application {
 }
 
 struct Background {
-    seeds: Vec<(String, crate::store::OrgPolicy)>,
+    seeds: Vec<(String, crate::model::OrgPolicy)>,
     refresh_interval: std::time::Duration,
     health: HealthSettings,
     upstream: UpstreamSettings,
@@ -380,7 +380,22 @@ async fn answer(
     match parsed {
         Ok(route) => {
             let kind = route.kind();
-            (kind, gateway::handle(gw, up, req, route).await)
+            let work = gateway::handle(gw, up, req, route);
+            match tokio::time::timeout(gw.request_deadline, work).await {
+                Ok(result) => (kind, result),
+                Err(_) => {
+                    tracing::warn!(
+                        deadline_ms = gw.request_deadline.as_millis() as u64,
+                        "request deadline passed; backends too slow"
+                    );
+                    (
+                        kind,
+                        Err(ApiError::Unavailable(
+                            "the backends did not answer within the request deadline".into(),
+                        )),
+                    )
+                }
+            }
         }
         // A write to a malformed path is still first of all a write.
         Err(_) if !matches!(*req.method(), Method::GET | Method::HEAD) => (

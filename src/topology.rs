@@ -8,10 +8,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Delivery, Settings};
+use crate::config::Settings;
+pub use crate::model::BackendIdx;
+use crate::model::{Delivery, OrgPolicy};
 use crate::oci::RepoName;
-
-pub type BackendIdx = usize;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credentials {
@@ -37,62 +37,43 @@ pub struct Backend {
 #[derive(Debug)]
 pub struct Org {
     pub name: String,
-    /// Backends in policy order; the first that answers is the tag authority.
+    /// Backends in policy order (the last tie-breaker of placement).
     pub backends: Vec<BackendIdx>,
+    /// The backends asked what a tag points at, in order.
+    pub tag_authorities: Vec<BackendIdx>,
     pub tag_ttl: Duration,
+    /// The policy this org was built from (what changed when a new one arrives).
+    pub policy: OrgPolicy,
     /// Per backend index, the path that replaces the org name on that backend.
     prefixes: HashMap<BackendIdx, String>,
 }
 
 impl Org {
-    /// An org from its stored policy; fails when the policy names a backend this node does
-    /// not have or is malformed.
-    pub fn from_policy(
-        name: &str,
-        policy: &crate::store::OrgPolicy,
-        topology: &Topology,
-    ) -> Result<Org, String> {
-        if crate::oci::RepoName::parse(&format!("{name}/x")).is_err() || name.contains('/') {
-            return Err(format!("'{name}' is not a repository name component"));
+    /// An org from its policy; fails when the policy names a backend this node does not
+    /// have or is malformed (the same check as the configuration file and the admin API).
+    pub fn from_policy(name: &str, policy: &OrgPolicy, topology: &Topology) -> Result<Org, String> {
+        let ids: Vec<&str> = topology.backends.iter().map(|b| &*b.id).collect();
+        let problems = policy.problems(name, &ids);
+        if !problems.is_empty() {
+            let text: Vec<String> = problems.iter().map(|(k, r)| format!("{k}: {r}")).collect();
+            return Err(text.join("; "));
         }
-        if policy.backends.is_empty() {
-            return Err("needs at least one backend".into());
-        }
-        let index_of = |id: &str| {
+        let index = |id: &String| {
             topology
-                .backends
-                .iter()
-                .position(|b| &*b.id == id)
-                .ok_or_else(|| format!("no backend has id '{id}'"))
+                .index_of(id)
+                .expect("checked by OrgPolicy::problems")
         };
-        let mut backends = Vec::new();
-        for id in &policy.backends {
-            let idx = index_of(id)?;
-            if backends.contains(&idx) {
-                return Err(format!("backend '{id}' is listed twice"));
-            }
-            backends.push(idx);
-        }
-        let tag_ttl = humantime::parse_duration(&policy.tag_ttl)
-            .map_err(|e| format!("tag_ttl '{}': {e}", policy.tag_ttl))?;
-        let mut prefixes = HashMap::new();
-        for (id, prefix) in &policy.prefixes {
-            let idx = index_of(id)?;
-            if !backends.contains(&idx) {
-                return Err(format!(
-                    "prefix for '{id}', which is not one of the org's backends"
-                ));
-            }
-            if crate::oci::RepoName::parse(&format!("{prefix}/x")).is_err() {
-                return Err(format!("prefix '{prefix}' is not a repository path"));
-            }
-            prefixes.insert(idx, prefix.clone());
-        }
         Ok(Org {
             name: name.to_owned(),
-            backends,
-            tag_ttl,
-            prefixes,
+            backends: policy.backends.iter().map(index).collect(),
+            tag_authorities: policy.authorities().iter().map(index).collect(),
+            tag_ttl: policy.tag_ttl,
+            prefixes: policy
+                .prefixes
+                .iter()
+                .map(|(id, prefix)| (index(id), prefix.clone()))
+                .collect(),
+            policy: policy.clone(),
         })
     }
 

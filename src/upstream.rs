@@ -14,7 +14,8 @@ use base64::Engine as _;
 use moka::sync::Cache;
 
 use crate::config::UpstreamSettings;
-use crate::topology::{Backend, BackendIdx, Credentials};
+use crate::model::BackendIdx;
+use crate::topology::{Backend, Credentials};
 
 pub type Response = awc::ClientResponse<actix_web::dev::Decompress<actix_web::dev::Payload>>;
 
@@ -72,6 +73,8 @@ impl Default for AuthCache {
 pub struct Upstream {
     client: awc::Client,
     auth: Arc<AuthCache>,
+    /// Longest wait for body bytes from a backend (see `UpstreamSettings::read_timeout`).
+    read_timeout: Duration,
 }
 
 /// A request to a backend for one repository: the path after the base URL and the
@@ -105,7 +108,11 @@ impl<'a> Call<'a> {
 
 impl Upstream {
     pub fn new(settings: &UpstreamSettings, auth: Arc<AuthCache>) -> Self {
-        let connector = awc::Connector::new().timeout(settings.connect_timeout);
+        // No pool-wide limit: a backend that stalls must not hold connections another
+        // backend needs. Every call is bounded by the timeouts and the request deadline.
+        let connector = awc::Connector::new()
+            .timeout(settings.connect_timeout)
+            .limit(0);
         let client = awc::Client::builder()
             .connector(connector)
             .timeout(settings.request_timeout)
@@ -113,7 +120,17 @@ impl Upstream {
             .no_default_headers()
             .add_default_header((header::USER_AGENT, USER_AGENT))
             .finish();
-        Upstream { client, auth }
+        Upstream {
+            client,
+            auth,
+            read_timeout: settings.read_timeout,
+        }
+    }
+
+    /// Longest wait for body bytes from a backend: the whole body of a document (manifest,
+    /// token, list), or the gap between two chunks of a streamed blob.
+    pub fn read_timeout(&self) -> Duration {
+        self.read_timeout
     }
 
     /// Sends `call` to `backend`, answering its authentication challenge once when it
@@ -203,14 +220,27 @@ impl Upstream {
                 }
                 request
             };
+            // A document's body must arrive within the read timeout; a blob streamed
+            // through (raw) is watched chunk by chunk instead (`gateway::blobs`).
+            let bounded = |response: Response| {
+                if call.raw {
+                    response
+                } else {
+                    response.timeout(self.read_timeout)
+                }
+            };
             match with_trace(request()).send().await {
-                Ok(response) => Ok(response),
+                Ok(response) => Ok(bounded(response)),
                 // A pooled keep-alive connection the backend had already closed, or a
                 // connection lost on the way: the calls are all GET or HEAD, so one retry on a
                 // fresh connection is safe. A refused connection or a timeout is an answer.
                 Err(e) if !is_definitive(&e) => {
                     tracing::debug!(backend = &*backend.id, error = %e, "retrying on a fresh connection");
-                    with_trace(request()).send().await.map_err(failed)
+                    with_trace(request())
+                        .send()
+                        .await
+                        .map(bounded)
+                        .map_err(failed)
                 }
                 Err(e) => Err(failed(e)),
             }
@@ -287,7 +317,7 @@ impl Upstream {
                 request = request.insert_header((header::AUTHORIZATION, value));
             }
         }
-        let mut response = request
+        let response = request
             .send()
             .await
             .map_err(|e| token_error(e.to_string()))?;
@@ -298,6 +328,7 @@ impl Upstream {
                 response.status()
             )));
         }
+        let mut response = response.timeout(self.read_timeout);
         let body: TokenResponse = response
             .json()
             .limit(64 * 1024)
@@ -310,6 +341,12 @@ impl Upstream {
             .ok_or_else(|| token_error("token response has no token".into()))?;
         Ok((token.into(), token_lifetime(body.expires_in)))
     }
+}
+
+/// Whether reading a body failed because the backend stopped sending within the read
+/// timeout (as opposed to a broken connection or a body too large).
+pub fn timed_out(e: &awc::error::PayloadError) -> bool {
+    matches!(e, awc::error::PayloadError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut)
 }
 
 /// Whether a failed call says the backend cannot be reached (as opposed to a connection that

@@ -11,43 +11,45 @@ use actix_web::http::header;
 use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse};
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 
 use super::knowledge::Detected;
 use super::manifests::DIGEST_HEADER;
-use super::{Gateway, BACKEND_HEADER};
+use super::{Gateway, Scope, BACKEND_HEADER};
 use crate::api_error::ApiError;
-use crate::config::Delivery;
+use crate::model::{BackendIdx, Delivery, Holding};
 use crate::oci::{Digest, RepoName};
-use crate::placement::Holding;
-use crate::topology::{Backend, BackendIdx, Credentials, Org};
+use crate::topology::{Backend, Credentials, Org};
 use crate::upstream::{header_str, Call, Response, Upstream};
 
-pub async fn serve(
-    gw: &Gateway,
+pub(super) async fn serve(
+    s: &Scope<'_>,
     up: &Upstream,
     req: &HttpRequest,
     name: &RepoName,
     digest: &Digest,
     head: bool,
 ) -> Result<HttpResponse, ApiError> {
-    let org = &*gw.org(name)?;
+    let gw = s.gw;
+    let org = &*s.org;
     // Read before deciding: a decision made while something changed is not reused.
     let epoch = gw.knowledge.epoch();
-    let mut candidates = gw.candidates(org, name, digest).await;
-    let mut probed = false;
-    if candidates.first().is_none_or(|c| c.holding != Holding::Has) {
-        probe(gw, up, org, name, digest, &candidates).await;
-        probed = true;
-        candidates = gw.candidates(org, name, digest).await;
+    let mut plan = s.digest_plan(name, digest).await;
+    let mut probed: Vec<BackendIdx> = Vec::new();
+    if !plan.probe_first.is_empty() {
+        probe(gw, up, org, name, digest, &plan.probe_first).await;
+        probed.extend(&plan.probe_first);
+        plan = s.digest_plan(name, digest).await;
     }
     let mut tried: Vec<BackendIdx> = Vec::new();
     loop {
-        let holders: Vec<BackendIdx> = candidates
+        let holders: Vec<BackendIdx> = plan
+            .holders
             .iter()
-            .filter(|c| c.holding == Holding::Has && !tried.contains(&c.backend))
-            .map(|c| c.backend)
+            .copied()
+            .filter(|b| !tried.contains(b))
             .collect();
-        for &b in &holders {
+        for b in holders {
             let outcome = if head {
                 head_blob(gw, up, org, b, name, digest).await
             } else {
@@ -59,11 +61,12 @@ pub async fn serve(
                         if response.status() == StatusCode::TEMPORARY_REDIRECT {
                             remember_redirect(gw, req, name, b, digest, &response, epoch);
                         }
-                        count_decision(
-                            gw,
-                            b,
-                            decision_reason(gw, &candidates, b, !tried.is_empty()),
-                        );
+                        let reason = match (tried.is_empty(), plan.region_chose) {
+                            (false, _) => "failover",
+                            (true, true) => "region",
+                            (true, false) => "holder",
+                        };
+                        count_decision(gw, b, reason);
                     }
                     return Ok(response);
                 }
@@ -77,38 +80,19 @@ pub async fn serve(
             tried.push(b);
         }
         // Every known holder failed: ask the backends nothing is known about yet.
-        if probed || !candidates.iter().any(|c| c.holding == Holding::Unknown) {
+        let unasked: Vec<BackendIdx> = plan
+            .attempts()
+            .filter(|b| !probed.contains(b) && !tried.contains(b))
+            .collect();
+        if unasked.is_empty() {
             break;
         }
-        probe(gw, up, org, name, digest, &candidates).await;
-        probed = true;
-        candidates = gw.candidates(org, name, digest).await;
+        probe(gw, up, org, name, digest, &unasked).await;
+        probed.extend(&unasked);
+        plan = s.digest_plan(name, digest).await;
     }
     let unknown = ApiError::BlobUnknown(format!("{name}@{digest}"));
-    Err(gw.none_serves(org, name, digest, unknown).await)
-}
-
-/// Why `b` served: after another holder failed (`failover`), as the node's own region's
-/// holder while holders elsewhere exist (`region`), or simply as the best holder.
-fn decision_reason(
-    gw: &Gateway,
-    candidates: &[crate::placement::Candidate],
-    b: BackendIdx,
-    after_failure: bool,
-) -> &'static str {
-    if after_failure {
-        return "failover";
-    }
-    let region = &gw.topology.region;
-    let local = gw.topology.backend(b).region == *region;
-    let elsewhere = candidates
-        .iter()
-        .any(|c| c.holding == Holding::Has && gw.topology.backend(c.backend).region != *region);
-    if local && elsewhere {
-        "region"
-    } else {
-        "holder"
-    }
+    Err(s.none_serves(&plan, name, digest, unknown))
 }
 
 fn count_decision(gw: &Gateway, b: BackendIdx, reason: &str) {
@@ -175,28 +159,25 @@ enum Failure {
     Broken(String),
 }
 
-/// Asks every backend whose holding is unknown, in parallel, with a HEAD.
+/// Asks `backends` whether they hold the blob, in parallel, with a HEAD each.
 async fn probe(
     gw: &Gateway,
     up: &Upstream,
     org: &Org,
     name: &RepoName,
     digest: &Digest,
-    candidates: &[crate::placement::Candidate],
+    backends: &[BackendIdx],
 ) {
-    let probes = candidates
-        .iter()
-        .filter(|c| c.holding == Holding::Unknown)
-        .map(|c| async move {
-            let backend = gw.topology.backend(c.backend);
-            let repo = org.backend_repo(c.backend, name);
-            let call = Call::new(
-                Method::HEAD,
-                format!("/v2/{repo}/blobs/{digest}"),
-                Some(&repo),
-            );
-            (c.backend, gw.send(up, backend, &call).await)
-        });
+    let probes = backends.iter().map(|&b| async move {
+        let backend = gw.topology.backend(b);
+        let repo = org.backend_repo(b, name);
+        let call = Call::new(
+            Method::HEAD,
+            format!("/v2/{repo}/blobs/{digest}"),
+            Some(&repo),
+        );
+        (b, gw.send(up, backend, &call).await)
+    });
     for (b, answer) in futures_util::future::join_all(probes).await {
         let holding = match &answer {
             Ok(r) if r.status().is_success() || r.status().is_redirection() => {
@@ -404,10 +385,36 @@ async fn fetch_blob(
     if auto {
         gw.knowledge.learn_detected(backend.idx, Detected::Proxy);
     }
-    Ok(stream(gw, response, backend, digest))
+    // Commit to this backend only once its bytes flow: one that sends headers and then
+    // stalls is passed over for the next holder.
+    let idle = up.read_timeout();
+    let mut response = response;
+    let first = match tokio::time::timeout(idle, response.next()).await {
+        Ok(Some(Ok(chunk))) => Some(chunk),
+        Ok(None) => None,
+        Ok(Some(Err(e))) => return Err(Failure::Broken(format!("blob body failed: {e}"))),
+        Err(_) => {
+            gw.knowledge.mark_unreachable(backend.idx);
+            return Err(Failure::Broken(format!(
+                "no blob bytes within {}ms",
+                idle.as_millis()
+            )));
+        }
+    };
+    Ok(stream(gw, response, first, idle, backend, digest))
 }
 
-fn stream(gw: &Gateway, response: Response, backend: &Backend, digest: &Digest) -> HttpResponse {
+/// Streams a backend's blob answer to the client, starting with the `first` chunk already
+/// read. A backend that then sends nothing for `idle` ends the stream (the client sees a
+/// short body and retries): nothing waits on a stalled backend forever.
+fn stream(
+    gw: &Gateway,
+    response: Response,
+    first: Option<Bytes>,
+    idle: Duration,
+    backend: &Backend,
+    digest: &Digest,
+) -> HttpResponse {
     let mut out = HttpResponse::build(response.status());
     for name in [
         header::CONTENT_TYPE,
@@ -425,7 +432,30 @@ fn stream(gw: &Gateway, response: Response, backend: &Backend, digest: &Digest) 
         out.no_chunking(len);
     }
     let proxied = gw.metrics.proxied_bytes.with_label_values(&[&backend.id]);
-    out.streaming(futures_util::StreamExt::inspect(response, move |chunk| {
+    let id = backend.id.clone();
+    let rest = futures_util::stream::unfold(Some(response), move |state| {
+        let id = id.clone();
+        async move {
+            let mut response = state?;
+            match tokio::time::timeout(idle, response.next()).await {
+                Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(response))),
+                Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e.to_string())), None)),
+                Ok(None) => None,
+                Err(_) => {
+                    tracing::warn!(
+                        backend = &*id,
+                        idle_ms = idle.as_millis() as u64,
+                        "backend stalled mid-blob; ending the stream"
+                    );
+                    let stalled =
+                        std::io::Error::new(std::io::ErrorKind::TimedOut, "backend stalled");
+                    Some((Err(stalled), None))
+                }
+            }
+        }
+    });
+    let body = futures_util::stream::iter(first.map(Ok)).chain(rest);
+    out.streaming(body.inspect(move |chunk| {
         if let Ok(bytes) = chunk {
             proxied.inc_by(bytes.len() as u64);
         }

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use moka::sync::Cache;
 
-use crate::config::{CacheSettings, Delivery};
+use crate::config::CacheSettings;
+use crate::model::{unix_ms, BackendIdx, Delivery, Holding, TagRecord};
 use crate::oci::{Digest, RepoName, Tag};
-use crate::placement::Holding;
-use crate::store::{invalidate_where, unix_ms, Store, TagRecord};
-use crate::topology::{BackendIdx, Org};
+use crate::store::{invalidate_where, Store};
+use crate::topology::Org;
 
 /// A manifest as the backend sent it, verified against its digest.
 #[derive(Debug)]
@@ -427,9 +427,12 @@ impl Knowledge {
     /// A backend that could not be reached counts as down for a while, so that requests
     /// go to the next holder instead of waiting on it again.
     pub fn mark_unreachable(&self, backend: BackendIdx) {
-        let until = unix_ms(SystemTime::now()) + self.failure_backoff.as_millis() as u64;
-        self.down_until[backend].store(until, Ordering::Relaxed);
-        self.bump();
+        let now = unix_ms(SystemTime::now());
+        let until = now + self.failure_backoff.as_millis() as u64;
+        // Only a backend that was usable until now changes a decision.
+        if self.down_until[backend].swap(until, Ordering::Relaxed) <= now {
+            self.bump();
+        }
     }
 
     pub fn mark_reachable(&self, backend: BackendIdx) {

@@ -7,7 +7,7 @@ use actix_web::{HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{Gateway, BACKEND_HEADER};
+use super::{Gateway, Scope, BACKEND_HEADER};
 use crate::api_error::ApiError;
 use crate::oci::{media, Digest, RepoName};
 use crate::upstream::{header_str, Call, Upstream, MAX_DOCUMENT_BYTES};
@@ -25,13 +25,14 @@ struct TagList {
     tags: Option<Vec<String>>,
 }
 
-pub async fn tags(
-    gw: &Gateway,
+pub(super) async fn tags(
+    s: &Scope<'_>,
     up: &Upstream,
     req: &HttpRequest,
     name: &RepoName,
 ) -> Result<HttpResponse, ApiError> {
-    let org = &*gw.org(name)?;
+    let gw = s.gw;
+    let org = &*s.org;
     let query = actix_web::web::Query::<TagsQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::PaginationInvalid(e.to_string()))?
         .into_inner();
@@ -50,7 +51,8 @@ pub async fn tags(
     }
     let params = params.finish();
     let mut failures = Vec::new();
-    for &b in &org.backends {
+    // The tag namespace is the authorities' to tell, like a single tag.
+    for b in s.tag_plan() {
         let backend = gw.topology.backend(b);
         let repo = org.backend_repo(b, name);
         let path = if params.is_empty() {
@@ -122,21 +124,23 @@ struct ReferrersQuery {
     artifact_type: Option<String>,
 }
 
-pub async fn referrers(
-    gw: &Gateway,
+pub(super) async fn referrers(
+    s: &Scope<'_>,
     up: &Upstream,
     req: &HttpRequest,
     name: &RepoName,
     digest: &Digest,
 ) -> Result<HttpResponse, ApiError> {
-    let org = &*gw.org(name)?;
+    let gw = s.gw;
+    let org = &*s.org;
     let artifact_type = actix_web::web::Query::<ReferrersQuery>::from_query(req.query_string())
         .map(|q| q.into_inner().artifact_type)
         .unwrap_or(None);
-    let candidates = gw.candidates(org, name, digest).await;
-    for c in &candidates {
-        let backend = gw.topology.backend(c.backend);
-        let repo = org.backend_repo(c.backend, name);
+    // Referrers live beside the digest they refer to: ask where the digest is.
+    let plan = s.digest_plan(name, digest).await;
+    for b in plan.attempts() {
+        let backend = gw.topology.backend(b);
+        let repo = org.backend_repo(b, name);
         let found = match referrers_api(gw, up, backend, &repo, digest).await {
             Some(found) => Some(found),
             None => referrers_tag(gw, up, backend, &repo, digest).await,

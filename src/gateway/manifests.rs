@@ -13,40 +13,39 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use super::knowledge::Manifest;
-use super::{Gateway, BACKEND_HEADER, STALE_HEADER};
+use super::{Gateway, Scope, BACKEND_HEADER, STALE_HEADER};
 use crate::api_error::ApiError;
+use crate::model::{unix_ms, BackendIdx, Holding, TagRecord};
 use crate::oci::{media, Digest, Reference, RepoName, Tag};
-use crate::placement::Holding;
-use crate::store::{unix_ms, TagRecord};
-use crate::topology::{BackendIdx, Org};
+use crate::topology::Org;
 use crate::upstream::{header_str, Call, Upstream, MAX_DOCUMENT_BYTES};
 
 pub const DIGEST_HEADER: &str = "Docker-Content-Digest";
 
-pub async fn serve(
-    gw: &Gateway,
+pub(super) async fn serve(
+    s: &Scope<'_>,
     up: &Upstream,
     req: &HttpRequest,
     name: &RepoName,
     reference: Reference,
     head: bool,
 ) -> Result<HttpResponse, ApiError> {
-    let org = &*gw.org(name)?;
+    let gw = s.gw;
     let accept = accept_values(req);
     match reference {
         Reference::Digest(digest) => {
-            let (manifest, backend) = by_digest(gw, up, org, name, &digest, &accept).await?;
+            let (manifest, backend) = by_digest(s, up, name, &digest, &accept).await?;
             gw.count_manifest(backend, false);
             Ok(respond(&manifest, gw.backend_id(backend), false))
         }
         Reference::Tag(tag) => {
-            let resolved = resolve_tag(gw, up, org, name, &tag, &accept).await?;
+            let resolved = resolve_tag(s, up, name, &tag, &accept).await?;
             let record = &resolved.record;
             if head && gw.knowledge.manifest(&record.digest).is_none() {
                 // A HEAD by tag needs no manifest bytes: the record has every header.
                 return Ok(head_from_record(record, resolved.stale));
             }
-            let (manifest, backend) = by_digest(gw, up, org, name, &record.digest, &accept).await?;
+            let (manifest, backend) = by_digest(s, up, name, &record.digest, &accept).await?;
             gw.count_manifest(backend, resolved.stale);
             Ok(respond(&manifest, gw.backend_id(backend), resolved.stale))
         }
@@ -114,16 +113,18 @@ struct Resolved {
     stale: bool,
 }
 
-/// The digest a tag points at: from a fresh cached record, else from the org's authority
-/// (its first backend that answers), else the last known digest marked stale.
+/// The digest a tag points at: from a fresh cached record, else from the org's tag
+/// authorities (the first usable one that answers decides), else the last known digest
+/// marked stale when no authority could answer.
 async fn resolve_tag(
-    gw: &Gateway,
+    s: &Scope<'_>,
     up: &Upstream,
-    org: &Org,
     name: &RepoName,
     tag: &Tag,
     accept: &[String],
 ) -> Result<Resolved, ApiError> {
+    let gw = s.gw;
+    let org = &*s.org;
     let known = gw.knowledge.tag(name, tag).await;
     let fresh = known
         .as_ref()
@@ -137,14 +138,9 @@ async fn resolve_tag(
             });
         }
     }
-    let now_ms = unix_ms(SystemTime::now());
-    for &b in &org.backends {
-        let answer = if gw.knowledge.is_down(b, now_ms) {
-            Err("backend is passed over after failing to answer".to_owned())
-        } else {
-            ask_authority(gw, up, org, b, name, tag, accept).await
-        };
-        match answer {
+    let authorities = s.tag_plan();
+    for &b in &authorities {
+        match ask_authority(gw, up, org, b, name, tag, accept).await {
             Ok(Some(record)) => {
                 gw.knowledge
                     .learn(name, &record.digest, b, Holding::Has)
@@ -155,31 +151,30 @@ async fn resolve_tag(
                     stale: false,
                 });
             }
-            Ok(None) => {
-                return Err(ApiError::ManifestUnknown(format!("{name}:{tag}")));
-            }
+            Ok(None) => return Err(ApiError::ManifestUnknown(format!("{name}:{tag}"))),
             Err(reason) => {
                 tracing::warn!(backend = gw.backend_id(b), %name, %tag, %reason, "tag authority failed");
-                if let Some(record) = known {
-                    tracing::warn!(
-                        %name, %tag, digest = %record.digest,
-                        age_s = record.age(SystemTime::now()).as_secs(),
-                        "serving the last known digest of a tag: its authority is failing"
-                    );
-                    gw.metrics
-                        .stale_serves
-                        .with_label_values(&[&org.name])
-                        .inc();
-                    return Ok(Resolved {
-                        record,
-                        stale: true,
-                    });
-                }
             }
         }
     }
+    if let Some(record) = known {
+        tracing::warn!(
+            %name, %tag, digest = %record.digest,
+            age_s = record.age(SystemTime::now()).as_secs(),
+            asked = authorities.len(),
+            "serving the last known digest of a tag: no authority can answer"
+        );
+        gw.metrics
+            .stale_serves
+            .with_label_values(&[&org.name])
+            .inc();
+        return Ok(Resolved {
+            record,
+            stale: true,
+        });
+    }
     Err(ApiError::Unavailable(format!(
-        "no backend of org '{}' can resolve {name}:{tag}",
+        "no tag authority of org '{}' can resolve {name}:{tag} now",
         org.name
     )))
 }
@@ -277,11 +272,17 @@ async fn fetch(
         other => return Err(format!("answered {other}")),
     }
     let media_type = header_str(response.headers(), header::CONTENT_TYPE).map(str::to_owned);
-    let bytes = response
-        .body()
-        .limit(MAX_DOCUMENT_BYTES)
-        .await
-        .map_err(|e| format!("reading the manifest failed: {e}"))?;
+    let bytes = match response.body().limit(MAX_DOCUMENT_BYTES).await {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            // Headers then silence: pass the backend over for a while, like one that does
+            // not answer at all.
+            if crate::upstream::timed_out(&e) {
+                gw.knowledge.mark_unreachable(backend.idx);
+            }
+            return Err(format!("reading the manifest failed: {e}"));
+        }
+    };
     let digest = match expected {
         Some(d) if d.verifies(&bytes) => d.clone(),
         Some(d) => {
@@ -308,27 +309,35 @@ async fn fetch(
 }
 
 /// A manifest by digest: from the cache when a backend of this org is known to hold it,
-/// else from the best holder, trying the next when one fails or lacks it.
+/// else fetched in plan order (a GET costs what a HEAD probe would), trying the next
+/// backend when one fails or lacks it.
 pub(super) async fn by_digest(
-    gw: &Gateway,
+    s: &Scope<'_>,
     up: &Upstream,
-    org: &Org,
     name: &RepoName,
     digest: &Digest,
     accept: &[String],
 ) -> Result<(Arc<Manifest>, BackendIdx), ApiError> {
-    let candidates = gw.candidates(org, name, digest).await;
+    let gw = s.gw;
+    let org = &*s.org;
+    let plan = s.digest_plan(name, digest).await;
     let cached = gw.knowledge.manifest(digest);
     gw.metrics.hit("manifest", cached.is_some());
-    if let (Some(manifest), Some(first)) = (cached, candidates.first()) {
-        if first.holding == Holding::Has {
-            return Ok((manifest, first.backend));
-        }
+    // Cached bytes are verified and cost no backend a request: serve them whenever a
+    // backend of this org is known to hold the digest, even one drained or down now.
+    let known_holder = plan.holders.first().copied().or_else(|| {
+        plan.assessed
+            .iter()
+            .find(|a| a.holding == Holding::Has)
+            .map(|a| a.backend)
+    });
+    if let (Some(manifest), Some(holder)) = (cached, known_holder) {
+        return Ok((manifest, holder));
     }
     let mut failures = 0u32;
-    for c in &candidates {
-        let backend = gw.topology.backend(c.backend);
-        let repo = org.backend_repo(c.backend, name);
+    for b in plan.attempts() {
+        let backend = gw.topology.backend(b);
+        let repo = org.backend_repo(b, name);
         let mut call = Call::new(
             Method::GET,
             format!("/v2/{repo}/manifests/{digest}"),
@@ -347,18 +356,14 @@ pub(super) async fn by_digest(
         }
         match fetch(gw, up, backend, &call, Some(digest)).await {
             Ok(Fetched::Found(manifest)) => {
-                gw.knowledge
-                    .learn(name, digest, c.backend, Holding::Has)
-                    .await;
-                warm(gw, c.backend, name, &manifest).await;
+                gw.knowledge.learn(name, digest, b, Holding::Has).await;
+                warm(gw, b, name, &manifest).await;
                 let manifest = Arc::new(manifest);
                 gw.knowledge.keep_manifest(manifest.clone());
-                return Ok((manifest, c.backend));
+                return Ok((manifest, b));
             }
             Ok(Fetched::Missing) => {
-                gw.knowledge
-                    .learn(name, digest, c.backend, Holding::Lacks)
-                    .await;
+                gw.knowledge.learn(name, digest, b, Holding::Lacks).await;
             }
             Err(reason) => {
                 failures += 1;
@@ -366,9 +371,11 @@ pub(super) async fn by_digest(
             }
         }
     }
-    tracing::debug!(failures, "no holder could serve the manifest");
+    tracing::debug!(failures, "no backend could serve the manifest");
+    // Explain with what was learned on the way.
+    let plan = s.digest_plan(name, digest).await;
     let unknown = ApiError::ManifestUnknown(format!("{name}@{digest}"));
-    Err(gw.none_serves(org, name, digest, unknown).await)
+    Err(s.none_serves(&plan, name, digest, unknown))
 }
 
 #[derive(Deserialize)]

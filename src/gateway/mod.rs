@@ -21,7 +21,9 @@ use crate::api_error::ApiError;
 use crate::cluster::{ClusterState, Snapshot};
 use crate::config::{CacheSettings, Settings};
 use crate::metrics::Metrics;
-use crate::placement::{self, BackendView, Candidate, Health};
+use crate::model::{unix_ms, BackendIdx, Holding};
+use crate::oci::{Digest, RepoName};
+use crate::placement::{self, BackendView, DigestPlan};
 use crate::route::Route;
 use crate::store::Store;
 use crate::topology::{Org, Topology};
@@ -33,6 +35,8 @@ pub const STALE_HEADER: &str = "X-Regatta-Stale";
 pub struct Gateway {
     pub topology: Arc<Topology>,
     pub cache: CacheSettings,
+    /// Longest time spent on one client request (`upstream.request_deadline`).
+    pub request_deadline: std::time::Duration,
     pub knowledge: Knowledge,
     pub auth: Arc<AuthCache>,
     pub state: Arc<ClusterState>,
@@ -57,40 +61,47 @@ impl Gateway {
             )),
             topology,
             cache: settings.cache.clone(),
+            request_deadline: settings.upstream.request_deadline,
             auth: Arc::new(AuthCache::new()),
             store,
             metrics,
         }
     }
+}
 
-    /// The org serving `name`, or 403 for a name outside every org.
-    fn org(&self, name: &crate::oci::RepoName) -> Result<Arc<Org>, ApiError> {
-        self.state
-            .load()
+/// One request's view of the node: the snapshot, loaded once, and the org the request's
+/// repository belongs to. Every plan the request executes is made from it.
+pub(crate) struct Scope<'g> {
+    pub gw: &'g Gateway,
+    pub snapshot: Arc<Snapshot>,
+    pub org: Arc<Org>,
+}
+
+impl<'g> Scope<'g> {
+    /// The scope of a request for `name`, or 403 for a name outside every org.
+    fn new(gw: &'g Gateway, name: &RepoName) -> Result<Scope<'g>, ApiError> {
+        let snapshot = gw.state.load_full();
+        let org = snapshot
             .orgs
             .get(name.org())
             .cloned()
-            .ok_or_else(|| ApiError::Denied(name.org().to_owned()))
+            .ok_or_else(|| ApiError::Denied(name.org().to_owned()))?;
+        Ok(Scope { gw, snapshot, org })
     }
 
-    /// The placement view of an org's backends, in policy order: the cluster snapshot,
-    /// plus this node's own passive failure signal.
-    fn views<'a>(&'a self, snapshot: &Snapshot, org: &Org) -> Vec<BackendView<'a>> {
-        let now_ms = crate::store::unix_ms(std::time::SystemTime::now());
-        org.backends
+    /// What placement weighs about `backends`: the snapshot plus this node's own passive
+    /// failure signal, read now (a backend that failed during this request counts).
+    fn views(&self, backends: &[BackendIdx]) -> Vec<BackendView<'g>> {
+        let now_ms = unix_ms(std::time::SystemTime::now());
+        backends
             .iter()
             .map(|&idx| {
-                let b = self.topology.backend(idx);
-                let live = &snapshot.backends[idx];
-                let health = if self.knowledge.is_down(idx, now_ms) {
-                    Health::Down
-                } else {
-                    live.health
-                };
+                let live = &self.snapshot.backends[idx];
                 BackendView {
                     idx,
-                    region: &b.region,
-                    health,
+                    region: &self.gw.topology.backend(idx).region,
+                    health: live.health,
+                    failing: self.gw.knowledge.is_down(idx, now_ms),
                     drained: live.drained,
                     latency_us: live.latency_us,
                     weight: live.weight,
@@ -99,29 +110,60 @@ impl Gateway {
             .collect()
     }
 
-    /// Org backends ordered for `digest` in `name`, with what is known of each holding it.
-    async fn candidates(
-        &self,
-        org: &Org,
-        name: &crate::oci::RepoName,
-        digest: &crate::oci::Digest,
-    ) -> Vec<Candidate> {
+    /// The plan for `digest` in `name`, from what is known now of who holds it.
+    async fn digest_plan(&self, name: &RepoName, digest: &Digest) -> DigestPlan {
         let holdings = tracing::Instrument::instrument(
-            self.knowledge.holdings(org, name, digest),
-            tracing::info_span!("placement", org = %org.name, digest = %digest),
+            self.gw.knowledge.holdings(&self.org, name, digest),
+            tracing::info_span!("placement", org = %self.org.name, digest = %digest),
         )
         .await;
-        let known = holdings.contains(&placement::Holding::Has);
-        self.metrics.hit("holder", known);
-        let timer = self.metrics.placement_seconds.start_timer();
-        let snapshot = self.state.load();
-        let ranked = placement::rank(
-            &self.topology.region,
-            &self.views(&snapshot, org),
+        self.gw
+            .metrics
+            .hit("holder", holdings.contains(&Holding::Has));
+        let timer = self.gw.metrics.placement_seconds.start_timer();
+        let plan = placement::plan_digest(
+            &self.gw.topology.region,
+            &self.views(&self.org.backends),
             &holdings,
         );
         timer.observe_duration();
-        ranked
+        plan
+    }
+
+    /// The org's tag authorities to ask now, in order.
+    fn tag_plan(&self) -> Vec<BackendIdx> {
+        placement::plan_tag(&self.views(&self.org.tag_authorities))
+    }
+
+    /// The error when no backend could serve `digest`: unknown when every backend of the
+    /// org says it lacks it, unavailable when some could not be asked.
+    fn none_serves(
+        &self,
+        plan: &DigestPlan,
+        name: &RepoName,
+        digest: &Digest,
+        unknown: ApiError,
+    ) -> ApiError {
+        if plan.nobody_has_it() {
+            return unknown;
+        }
+        let seen: Vec<String> = plan
+            .assessed
+            .iter()
+            .map(|a| {
+                format!(
+                    "{}: {:?}, {}",
+                    self.gw.topology.backend(a.backend).id,
+                    a.holding,
+                    a.excluded.map_or("usable".to_owned(), |e| format!("{e:?}")),
+                )
+            })
+            .collect();
+        tracing::warn!(%name, %digest, backends = ?seen, "no backend can serve");
+        ApiError::Unavailable(format!(
+            "no backend of org '{}' can serve {name}@{digest} now",
+            self.org.name
+        ))
     }
 }
 
@@ -149,43 +191,6 @@ impl Gateway {
     }
 }
 
-impl Gateway {
-    /// The error when no backend could serve `digest`: unknown when every backend of the
-    /// org says it lacks it, unavailable when some could not be asked.
-    async fn none_serves(
-        &self,
-        org: &Org,
-        name: &crate::oci::RepoName,
-        digest: &crate::oci::Digest,
-        unknown: ApiError,
-    ) -> ApiError {
-        let holdings = self.knowledge.holdings(org, name, digest).await;
-        if holdings.iter().all(|h| *h == placement::Holding::Lacks) {
-            unknown
-        } else {
-            let snapshot = self.state.load();
-            let views = self.views(&snapshot, org);
-            let seen: Vec<String> = views
-                .iter()
-                .zip(&holdings)
-                .map(|(v, h)| {
-                    format!(
-                        "{}: {h:?} {:?} drained={}",
-                        self.topology.backend(v.idx).id,
-                        v.health,
-                        v.drained
-                    )
-                })
-                .collect();
-            tracing::warn!(%name, %digest, backends = ?seen, "no backend can serve");
-            ApiError::Unavailable(format!(
-                "no backend of org '{}' can serve {name}@{digest} now",
-                org.name
-            ))
-        }
-    }
-}
-
 /// Answers one registry API request.
 pub async fn handle(
     gw: &Gateway,
@@ -208,10 +213,17 @@ pub async fn handle(
             .content_type("application/json")
             .body("{}")),
         Route::Manifest { name, reference } => {
-            manifests::serve(gw, up, req, &name, reference, head).await
+            let scope = Scope::new(gw, &name)?;
+            manifests::serve(&scope, up, req, &name, reference, head).await
         }
-        Route::Blob { name, digest } => blobs::serve(gw, up, req, &name, &digest, head).await,
-        Route::Tags { name } => listing::tags(gw, up, req, &name).await,
-        Route::Referrers { name, digest } => listing::referrers(gw, up, req, &name, &digest).await,
+        Route::Blob { name, digest } => {
+            let scope = Scope::new(gw, &name)?;
+            blobs::serve(&scope, up, req, &name, &digest, head).await
+        }
+        Route::Tags { name } => listing::tags(&Scope::new(gw, &name)?, up, req, &name).await,
+        Route::Referrers { name, digest } => {
+            let scope = Scope::new(gw, &name)?;
+            listing::referrers(&scope, up, req, &name, &digest).await
+        }
     }
 }

@@ -8,9 +8,9 @@ use async_trait::async_trait;
 use moka::sync::Cache;
 use tokio::sync::broadcast;
 
-use super::{invalidate_where, AdminState, HealthRecord, OrgPolicy, Store, StoreError, TagRecord};
+use super::{invalidate_where, Store, StoreError};
+use crate::model::{AdminState, HealthRecord, Holding, OrgPolicy, TagRecord};
 use crate::oci::{Digest, RepoName, Tag};
-use crate::placement::Holding;
 
 type HolderKey = (RepoName, Digest, Box<str>);
 

@@ -10,84 +10,17 @@
 mod memory;
 mod redis;
 
-use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::collections::HashMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 pub use self::memory::MemoryStore;
 pub use self::redis::{RedisStore, RedisTarget};
 
+use crate::model::{AdminState, HealthRecord, Holding, OrgPolicy, TagRecord};
 use crate::oci::{Digest, RepoName, Tag};
-use crate::placement::{Health, Holding};
-
-/// What a tag pointed at when it was last resolved at its authority.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TagRecord {
-    pub digest: Digest,
-    pub media_type: String,
-    pub size: u64,
-    /// Backend id that answered as the authority.
-    pub backend: String,
-    /// When it was resolved, in milliseconds since the Unix epoch.
-    pub resolved_at_ms: u64,
-}
-
-impl TagRecord {
-    pub fn age(&self, now: SystemTime) -> Duration {
-        Duration::from_millis(unix_ms(now).saturating_sub(self.resolved_at_ms))
-    }
-}
-
-pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
-}
-
-/// An operator's decisions about a backend. They have no expiry.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AdminState {
-    #[serde(default)]
-    pub drained: bool,
-    /// Overrides the configured weight.
-    #[serde(default)]
-    pub weight: Option<u32>,
-}
-
-/// The shared result of active health checks on one backend.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HealthRecord {
-    pub state: Health,
-    /// Smoothed probe latency in microseconds.
-    pub latency_us: u32,
-    pub ok_streak: u32,
-    pub fail_streak: u32,
-    pub checked_at_ms: u64,
-    /// Why the last probe failed; empty when it succeeded.
-    #[serde(default)]
-    pub reason: String,
-    /// Node that ran the last probe.
-    pub node: String,
-}
-
-/// An org's serving policy as stored and as the admin API speaks it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OrgPolicy {
-    /// Backend ids in order; the first that answers is the tag authority.
-    pub backends: Vec<String>,
-    /// Tag freshness, e.g. `30s`.
-    #[serde(default = "default_tag_ttl")]
-    pub tag_ttl: String,
-    /// Per backend id, the path that replaces the org name.
-    #[serde(default)]
-    pub prefixes: BTreeMap<String, String>,
-}
-
-fn default_tag_ttl() -> String {
-    "30s".into()
-}
 
 /// Published when shared state changes, so every node reloads its snapshot at once.
 pub const EVENT_RESYNC: &str = "resync";

@@ -25,12 +25,9 @@ use redis::{Cmd, FromRedisValue};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, oneshot, OnceCell};
 
-use super::{
-    corrupt, unix_ms, AdminState, HealthRecord, OrgPolicy, Store, StoreError, TagRecord,
-    EVENT_RESYNC,
-};
+use super::{corrupt, Store, StoreError, EVENT_RESYNC};
+use crate::model::{unix_ms, AdminState, HealthRecord, Holding, OrgPolicy, TagRecord};
 use crate::oci::{Digest, RepoName, Tag};
-use crate::placement::Holding;
 
 const CHANNEL: &str = "regatta:events";
 const ADMIN: &str = "regatta:admin";

@@ -1,32 +1,16 @@
 //! Several nodes sharing one real Redis: drains reach every node, a dead backend is
 //! failed over, a Redis outage is survived and converged from, regions are preferred.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use awc::http::Method;
 
 use crate::clients::skopeo_pull;
-use crate::helpers::{spawn_app, Config, TestApp};
+use crate::helpers::{eventually, spawn_app, Config, TestApp};
 use crate::images::{self, Image};
 use crate::procs::wait_until;
 use crate::redis_server::Redis;
 use crate::registry::{Registry, Shape};
-
-/// Polls `check` on the async runtime until it holds (the nodes run on other threads).
-async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        actix_web::rt::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 /// Two anonymous registries that both hold `image` as acme/app:1.0.
 fn two_holders(
@@ -319,7 +303,10 @@ async fn warm_blob_redirects_send_no_command_to_redis() {
     );
     assert_eq!(pulled.top, image.index.digest);
     for digest in &layers {
-        assert_eq!(node.blob_backend("acme/app", digest).await, "a");
+        // Both hold every layer; which one placement prefers (latency may decide) does
+        // not matter here, only that the answer is a redirect to a holder.
+        let chosen = node.blob_backend("acme/app", digest).await;
+        assert!(chosen == "a" || chosen == "b", "{chosen}");
     }
     let before = redis.settled_commands();
     let mut redirects = 0;

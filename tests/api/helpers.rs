@@ -255,15 +255,40 @@ impl Config {
         delivery: &str,
         region: &str,
     ) -> Config {
-        self.text.push_str(&format!(
-            "[[backends]]\nid = \"{id}\"\nurl = \"{}\"\nregion = \"{region}\"\ndelivery = \"{delivery}\"\n",
-            registry.url()
-        ));
+        self = self.backend_at(id, &registry.url(), delivery, region);
         if registry.shape == Shape::Htpasswd || registry.shape == Shape::TokenWithCdn {
             self.text.push_str(&format!(
                 "username = \"{USER}\"\npassword = \"{PASSWORD}\"\n"
             ));
         }
+        self
+    }
+
+    /// A backend at any URL (a test server rather than a registry), anonymous.
+    pub fn backend_at(mut self, id: &str, url: &str, delivery: &str, region: &str) -> Config {
+        self.text.push_str(&format!(
+            "[[backends]]\nid = \"{id}\"\nurl = \"{url}\"\nregion = \"{region}\"\ndelivery = \"{delivery}\"\n"
+        ));
+        self
+    }
+
+    /// Names the tag authorities of an org added before.
+    pub fn tag_authorities(mut self, org: &str, ids: &[&str]) -> Config {
+        let at = format!("[[orgs]]\nname = \"{org}\"\n");
+        assert!(self.text.contains(&at), "org {org} is configured first");
+        let list: Vec<String> = ids.iter().map(|b| format!("\"{b}\"")).collect();
+        self.text = self.text.replace(
+            &at,
+            &format!("{at}tag_authorities = [{}]\n", list.join(", ")),
+        );
+        self
+    }
+
+    /// Backend timeouts: the longest wait for body bytes and the per-request deadline.
+    pub fn timeouts(mut self, read_timeout: &str, request_deadline: &str) -> Config {
+        self.sections.push_str(&format!(
+            "[upstream]\nread_timeout = \"{read_timeout}\"\nrequest_deadline = \"{request_deadline}\"\n"
+        ));
         self
     }
 
@@ -375,5 +400,21 @@ impl NodeProcess {
             log,
             _proc: proc,
         }
+    }
+}
+
+/// Polls `check` until it holds, failing the test after `limit`.
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -7,6 +7,7 @@ mod images;
 mod procs;
 mod redis_server;
 mod registry;
+mod stall;
 
 mod admin;
 mod cli;
@@ -16,4 +17,5 @@ mod freshness;
 mod listing;
 mod observability;
 mod placement;
+mod plan;
 mod pulls;

@@ -155,6 +155,7 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         .backend("b", &b, "proxy")
         .backend("c", &dead, "direct")
         .org("acme", &["a", "b"], "1s", &[])
+        .tag_authorities("acme", &["a"])
         .org("spare", &["c"], "30s", &[]);
     // c is dead before the node's first probe: its probes fail from the start.
     dead.stop();
