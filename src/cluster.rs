@@ -286,3 +286,94 @@ pub async fn run_refresher(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    fn settings() -> Settings {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("regatta.toml");
+        std::fs::write(
+            &path,
+            r#"
+            [server]
+            listen = "127.0.0.1:0"
+            [[backends]]
+            id = "a"
+            url = "http://127.0.0.1:1"
+            [[backends]]
+            id = "b"
+            url = "http://127.0.0.1:2"
+            [[orgs]]
+            name = "acme"
+            backends = ["a", "b"]
+            "#,
+        )
+        .unwrap();
+        Settings::load(Some(&path), []).unwrap()
+    }
+
+    fn health(state: Health, latency_us: u32) -> HealthRecord {
+        HealthRecord {
+            state,
+            latency_us,
+            ok_streak: 1,
+            fail_streak: 0,
+            checked_at_ms: 1,
+            reason: String::new(),
+            node: "n".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_epoch_moves_only_when_a_decision_could_change() {
+        let settings = settings();
+        let topology = Topology::from_settings(&settings);
+        let store = MemoryStore::new();
+        store
+            .seed_policies(&config_policies(&settings))
+            .await
+            .unwrap();
+        let epoch = Arc::new(AtomicU64::new(0));
+        let state = ClusterState::new(Snapshot::from_config(&topology, &settings), epoch.clone());
+        let epoch_after = |what: &str, want: u64| {
+            assert_eq!(epoch.load(Ordering::Acquire), want, "{what}");
+        };
+        let ttl = Duration::from_secs(60);
+
+        state.reload(&topology, &store).await.unwrap();
+        epoch_after("a reload that finds what the node already had", 0);
+        store
+            .set_health("a", &health(Health::Up, 1_000), ttl)
+            .await
+            .unwrap();
+        state.reload(&topology, &store).await.unwrap();
+        epoch_after("a probe that changes nothing placement weighs", 0);
+        state.apply_health(0, health(Health::Up, 1_500));
+        epoch_after("a probe applied locally, latency in the same bucket", 0);
+
+        store
+            .set_admin_state(
+                "b",
+                &AdminState {
+                    drained: true,
+                    weight: None,
+                },
+            )
+            .await
+            .unwrap();
+        state.reload(&topology, &store).await.unwrap();
+        epoch_after("a drain", 1);
+        state.apply_health(0, health(Health::Down, 1_500));
+        epoch_after("a health state flip", 2);
+        state.apply_health(0, health(Health::Down, 90_000));
+        epoch_after("a latency bucket change", 3);
+        let mut policy = config_policies(&settings).remove(0).1;
+        policy.tag_authorities = Some(vec!["a".into()]);
+        store.put_policy("acme", &policy).await.unwrap();
+        state.reload(&topology, &store).await.unwrap();
+        epoch_after("a policy change", 4);
+    }
+}
