@@ -36,6 +36,26 @@ pub struct Metrics {
     pub blob_seconds: Histogram,
 }
 
+/// The `action` label values of `regatta_admin_changes_total`.
+pub const ADMIN_ACTIONS: &[&str] = &[
+    "drain",
+    "undrain",
+    "set-weight",
+    "put-org",
+    "delete-org",
+    "purge",
+];
+
+/// The `method` label of a request: only the methods a read-only registry serves, so a
+/// client inventing methods cannot add series.
+pub fn method_label(method: &actix_web::http::Method) -> &'static str {
+    match *method {
+        actix_web::http::Method::GET => "GET",
+        actix_web::http::Method::HEAD => "HEAD",
+        _ => "other",
+    }
+}
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0,
@@ -151,6 +171,27 @@ impl Metrics {
                 .expect("process metrics register once");
         }
         metrics
+    }
+
+    /// Creates, at 0, every labelled series the dashboards and alert rules read, so that
+    /// they show 0 rather than "no data" and `increase()` sees the first event.
+    pub fn prime<'a>(
+        &self,
+        backends: impl IntoIterator<Item = (&'a str, &'a str)>,
+        orgs: impl IntoIterator<Item = &'a str>,
+    ) {
+        for (id, delivery) in backends {
+            self.probe_failures.with_label_values(&[id]);
+            self.proxied_bytes.with_label_values(&[id]);
+            self.decisions
+                .with_label_values(&[id, "blob", delivery, "failover"]);
+        }
+        for org in orgs {
+            self.stale_serves.with_label_values(&[org]);
+        }
+        for action in ADMIN_ACTIONS {
+            self.admin_changes.with_label_values(&[action]);
+        }
     }
 
     pub fn hit(&self, cache: &str, hit: bool) {

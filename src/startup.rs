@@ -301,7 +301,7 @@ async fn dispatch(
         .requests
         .with_label_values(&[
             route,
-            req.method().as_str(),
+            crate::metrics::method_label(req.method()),
             response.status().as_str(),
             org,
         ])

@@ -48,6 +48,13 @@ impl Gateway {
     pub fn new(settings: &Settings, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Gateway {
         let topology = Arc::new(Topology::from_settings(settings));
         let epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        metrics.prime(
+            topology
+                .backends
+                .iter()
+                .map(|b| (&*b.id, b.delivery.as_str())),
+            settings.orgs.iter().map(|o| o.name.as_str()),
+        );
         Gateway {
             knowledge: Knowledge::new(
                 &settings.cache,

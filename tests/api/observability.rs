@@ -578,3 +578,80 @@ async fn traces_reach_an_otlp_http_receiver() {
         },
     );
 }
+
+/// Whether `text` (Prometheus exposition) has a series `name` with all `labels`, at `value`.
+fn has_series(text: &str, name: &str, labels: &[(&str, &str)], value: &str) -> bool {
+    text.lines().any(|line| {
+        line.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('{'))
+            .is_some_and(|rest| {
+                labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+                    && rest.ends_with(&format!("}} {value}"))
+            })
+    })
+}
+
+#[actix_web::test]
+async fn series_exist_from_startup_and_clients_cannot_add_any() {
+    let hub = Registry::start(Shape::Anonymous, None);
+    let node = spawn_app(&Config::new().admin().backend("hub", &hub, "direct").org(
+        "acme",
+        &["hub"],
+        "30s",
+        &[],
+    ))
+    .await;
+    let metrics = || async {
+        let answer = node
+            .send_raw(&format!("{}/metrics", node.admin_url()))
+            .await;
+        String::from_utf8(answer.body).unwrap()
+    };
+    let text = metrics().await;
+    let expected: &[(&str, &[(&str, &str)])] = &[
+        ("regatta_admin_changes_total", &[("action", "drain")]),
+        ("regatta_admin_changes_total", &[("action", "put-org")]),
+        ("regatta_probe_failures_total", &[("backend", "hub")]),
+        ("regatta_proxied_bytes_total", &[("backend", "hub")]),
+        ("regatta_stale_tag_serves_total", &[("org", "acme")]),
+        (
+            "regatta_decisions_total",
+            &[("backend", "hub"), ("reason", "failover")],
+        ),
+    ];
+    for (name, labels) in expected {
+        assert!(
+            has_series(&text, name, labels, "0"),
+            "{name}{labels:?} is not at 0 before any event:\n{text}"
+        );
+    }
+
+    let request_series = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("regatta_requests_total{"))
+            .count()
+    };
+    let before = request_series(&metrics().await);
+    for i in 0..300 {
+        let method = Method::from_bytes(format!("INVENTED{i}").as_bytes()).unwrap();
+        let answer = node
+            .request(method, "/v2/acme/app/manifests/1.0", &[])
+            .await;
+        assert_eq!(answer.status, 405);
+    }
+    let text = metrics().await;
+    assert!(
+        request_series(&text) <= before + 1,
+        "invented methods added series: {} before, {} after",
+        before,
+        request_series(&text)
+    );
+    assert!(has_series(
+        &text,
+        "regatta_requests_total",
+        &[("method", "other"), ("status", "405")],
+        "300"
+    ));
+}
