@@ -39,13 +39,23 @@ pub(super) async fn serve(
             Ok(respond(&manifest, gw.backend_id(backend), false))
         }
         Reference::Tag(tag) => {
-            let resolved = resolve_tag(s, up, name, &tag, &accept).await?;
+            let resolved = resolve_tag(s, up, name, &tag).await?;
             let record = &resolved.record;
-            if head && gw.knowledge.manifest(&record.digest).is_none() {
+            let as_is =
+                accepts(&accept, &record.media_type) || !media::is_index(&record.media_type);
+            if as_is && head && gw.knowledge.manifest(&record.digest).is_none() {
                 // A HEAD by tag needs no manifest bytes: the record has every header.
                 return Ok(head_from_record(record, resolved.stale));
             }
-            let (manifest, backend) = by_digest(s, up, name, &record.digest, &accept).await?;
+            let (mut manifest, mut backend) =
+                by_digest(s, up, name, &record.digest, &accept).await?;
+            if !as_is {
+                // A client that cannot take an index gets the manifest a registry would
+                // give it: the index's linux/amd64 entry (or its first acceptable one).
+                let child = platform_manifest(&manifest.bytes, &accept)
+                    .ok_or_else(|| ApiError::ManifestUnknown(format!("{name}:{tag}")))?;
+                (manifest, backend) = by_digest(s, up, name, &child, &accept).await?;
+            }
             gw.count_manifest(backend, resolved.stale);
             Ok(respond(&manifest, gw.backend_id(backend), resolved.stale))
         }
@@ -83,6 +93,35 @@ fn accept_values(req: &HttpRequest) -> Vec<String> {
     out
 }
 
+/// Whether the client's `Accept` list takes `media_type` (parameters and `*/*` understood).
+fn accepts(accept: &[String], media_type: &str) -> bool {
+    accept.iter().any(|a| {
+        let a = a.split(';').next().unwrap_or("").trim();
+        a == media_type || a == "*/*"
+    })
+}
+
+/// The manifest of an index a single-manifest client should get: linux/amd64 (what
+/// Docker Hub hands such clients), else the first entry of a type the client accepts;
+/// attestations (platform unknown) never.
+fn platform_manifest(index: &[u8], accept: &[String]) -> Option<Digest> {
+    let doc: Document = serde_json::from_slice(index).ok()?;
+    let usable: Vec<&Descriptor> = doc
+        .manifests
+        .iter()
+        .filter(|d| d.media_type.as_deref().is_none_or(|m| accepts(accept, m)))
+        .filter(|d| d.platform.as_ref().is_none_or(|p| p.os != "unknown"))
+        .collect();
+    let amd64 = usable.iter().find(|d| {
+        d.platform
+            .as_ref()
+            .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+    });
+    amd64
+        .or(usable.first())
+        .and_then(|d| Digest::parse(&d.digest).ok())
+}
+
 fn respond(manifest: &Manifest, backend: &str, stale: bool) -> HttpResponse {
     let mut response = HttpResponse::Ok();
     response
@@ -116,12 +155,16 @@ struct Resolved {
 /// The digest a tag points at: from a fresh cached record, else from the org's tag
 /// authorities (the first usable one that answers decides), else the last known digest
 /// marked stale when no authority could answer.
+///
+/// Tags are always resolved with every manifest type accepted, so the one record kept per
+/// tag (on this node, in the store, as the stale fallback) is the full representation (an
+/// index when there is one) whichever client asked first; `serve` hands a client that
+/// cannot take an index its platform's manifest.
 async fn resolve_tag(
     s: &Scope<'_>,
     up: &Upstream,
     name: &RepoName,
     tag: &Tag,
-    accept: &[String],
 ) -> Result<Resolved, ApiError> {
     let gw = s.gw;
     let org = &*s.org;
@@ -140,7 +183,7 @@ async fn resolve_tag(
     }
     let authorities = s.tag_plan();
     for &b in &authorities {
-        match ask_authority(gw, up, org, b, name, tag, accept).await {
+        match ask_authority(gw, up, org, b, name, tag).await {
             Ok(Some(record)) => {
                 gw.knowledge
                     .learn(name, &record.digest, b, Holding::Has)
@@ -188,7 +231,6 @@ async fn ask_authority(
     b: BackendIdx,
     name: &RepoName,
     tag: &Tag,
-    accept: &[String],
 ) -> Result<Option<TagRecord>, String> {
     let backend = gw.topology.backend(b);
     let repo = org.backend_repo(b, name);
@@ -198,10 +240,8 @@ async fn ask_authority(
         format!("/v2/{repo}/manifests/{tag}"),
         Some(&repo),
     );
-    for value in accept {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            call = call.header(header::ACCEPT, v);
-        }
+    for value in media::ALL_MANIFESTS {
+        call = call.header(header::ACCEPT, HeaderValue::from_static(value));
     }
     let response = gw
         .send(up, backend, &call)
@@ -391,8 +431,17 @@ struct Document {
 
 #[derive(Deserialize)]
 struct Descriptor {
+    #[serde(rename = "mediaType")]
+    media_type: Option<String>,
     digest: String,
     size: Option<u64>,
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    os: String,
+    architecture: String,
 }
 
 /// The backend that served a manifest holds what it references: remember the config,

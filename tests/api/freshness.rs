@@ -123,3 +123,70 @@ async fn authority_down_serves_the_last_known_digest_marked_stale() {
         );
     }
 }
+
+/// What a client that accepts only single-platform manifests and one that accepts an
+/// index each get for the same tag.
+async fn representation(node: &crate::helpers::TestApp, accept: &[&str]) -> (String, String) {
+    let headers: Vec<(&str, &str)> = accept.iter().map(|a| ("accept", *a)).collect();
+    let answer = node
+        .request(
+            awc::http::Method::GET,
+            "/v2/acme/app/manifests/1.0",
+            &headers,
+        )
+        .await;
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    let digest = answer.header("docker-content-digest").unwrap().to_owned();
+    assert_eq!(
+        images::sha256(&answer.body),
+        digest,
+        "the body is that digest"
+    );
+    (digest, answer.header("content-type").unwrap().to_owned())
+}
+
+#[actix_web::test]
+async fn each_client_gets_the_representation_it_accepts_whoever_asked_first() {
+    let work = tempfile::tempdir().unwrap();
+    let image = images::multiarch(&work.path().join("image"), "by-accept", "1.0", 1, 256);
+    let hub = crate::servers::AcceptHub::start(&image);
+    let single: &[&str] = &[images::OCI_MANIFEST];
+    let multi: &[&str] = &[images::OCI_INDEX, images::OCI_MANIFEST];
+    let amd64 = (
+        image.platform("amd64").manifest.digest.clone(),
+        images::OCI_MANIFEST.to_owned(),
+    );
+    let index = (image.index.digest.clone(), images::OCI_INDEX.to_owned());
+    let redis = crate::redis_server::Redis::start();
+    let config = |shared: bool| {
+        let config = if shared {
+            Config::new().redis(&redis.url())
+        } else {
+            Config::new()
+        };
+        config
+            .backend_at("hub", &hub.url(), "direct", "eu")
+            .org("acme", &["hub"], "30s", &[])
+    };
+
+    // One node, single-manifest client first, then the other order on a fresh node.
+    let node = spawn_app(&config(false)).await;
+    assert_eq!(representation(&node, single).await, amd64);
+    assert_eq!(representation(&node, multi).await, index);
+    let node = spawn_app(&config(false)).await;
+    assert_eq!(representation(&node, multi).await, index);
+    assert_eq!(representation(&node, single).await, amd64);
+
+    // Two nodes sharing Redis: the tag record one node wrote serves the other's clients.
+    let first = spawn_app(&config(true)).await;
+    let second = spawn_app(&config(true)).await;
+    assert_eq!(representation(&first, single).await, amd64);
+    assert_eq!(representation(&second, multi).await, index);
+    assert_eq!(representation(&second, single).await, amd64);
+    assert_eq!(representation(&first, multi).await, index);
+}

@@ -7,7 +7,7 @@ mod images;
 mod procs;
 mod redis_server;
 mod registry;
-mod stall;
+mod servers;
 
 mod admin;
 mod cli;

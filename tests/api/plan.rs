@@ -10,7 +10,7 @@ use crate::helpers::{eventually, spawn_app, Config, TestApp};
 use crate::images::{self, Image};
 use crate::redis_server::Redis;
 use crate::registry::{Registry, Shape};
-use crate::stall::Stall;
+use crate::servers::Stall;
 
 /// Access-log lines of blob reads for `digest` (GET or HEAD) on a registry.
 fn blob_reads(registry: &Registry, digest: &str) -> Vec<String> {
