@@ -199,6 +199,15 @@ impl Default for UpstreamSettings {
 pub struct CacheSettings {
     /// Bytes of manifests kept in memory (manifests by digest are immutable).
     pub manifest_bytes: u64,
+    /// Bytes of "backend B holds digest D" facts (and blob sizes) kept in memory.
+    pub holder_bytes: u64,
+    /// Bytes of "backend B lacks digest D" facts: kept apart, so that requests for invented
+    /// names (which only ever learn "lacks") cannot push out what serves real pulls.
+    pub lacks_bytes: u64,
+    /// Bytes of tag records kept in memory.
+    pub tag_bytes: u64,
+    /// Bytes of pre-signed URLs and decided redirects kept in memory.
+    pub url_bytes: u64,
     /// How long "backend B holds digest D" is remembered.
     #[serde(with = "humantime_serde")]
     pub holder_ttl: Duration,
@@ -223,6 +232,10 @@ impl Default for CacheSettings {
     fn default() -> Self {
         CacheSettings {
             manifest_bytes: 64 * 1024 * 1024,
+            holder_bytes: 64 * 1024 * 1024,
+            lacks_bytes: 8 * 1024 * 1024,
+            tag_bytes: 16 * 1024 * 1024,
+            url_bytes: 32 * 1024 * 1024,
             holder_ttl: Duration::from_secs(24 * 3600),
             lacks_ttl: Duration::from_secs(30),
             resolve_ttl: Duration::from_secs(300),
@@ -488,11 +501,16 @@ impl Settings {
                 "rise and fall must be at least 1".into(),
             );
         }
-        if self.cache.manifest_bytes < 64 * 1024 {
-            problem(
-                "cache.manifest_bytes".into(),
-                "must be at least 65536".into(),
-            );
+        for (key, value) in [
+            ("cache.manifest_bytes", self.cache.manifest_bytes),
+            ("cache.holder_bytes", self.cache.holder_bytes),
+            ("cache.lacks_bytes", self.cache.lacks_bytes),
+            ("cache.tag_bytes", self.cache.tag_bytes),
+            ("cache.url_bytes", self.cache.url_bytes),
+        ] {
+            if value < 64 * 1024 {
+                problem(key.into(), "must be at least 65536".into());
+            }
         }
 
         let mut ids = std::collections::HashSet::new();

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub cache: IntCounterVec,
     pub stale_serves: IntCounterVec,
     pub store_errors: IntCounter,
+    /// Learned facts not written to the store because its write queue was full.
+    pub store_writes_dropped: IntCounter,
     pub snapshot_age_seconds: Gauge,
     pub proxied_bytes: IntCounterVec,
     /// Resolved once for the warm path.
@@ -151,6 +153,10 @@ impl Metrics {
             store_errors: register!(IntCounter::new(
                 "regatta_store_errors_total",
                 "Failed calls to the shared store (Redis)"
+            )),
+            store_writes_dropped: register!(IntCounter::new(
+                "regatta_store_writes_dropped_total",
+                "Learned facts (holders, tags) not shared through the store because its write queue was full"
             )),
             snapshot_age_seconds: register!(Gauge::new(
                 "regatta_snapshot_age_seconds",

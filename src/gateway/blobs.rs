@@ -37,8 +37,12 @@ pub(super) async fn serve(
     let mut plan = s.digest_plan(name, digest).await;
     let mut probed: Vec<BackendIdx> = Vec::new();
     if !plan.probe_first.is_empty() {
-        probe(gw, up, org, name, digest, &plan.probe_first).await;
-        probed.extend(&plan.probe_first);
+        // The same blob asked at once by many clients is probed once; a request that
+        // waited for another's probe finds what it learned in the new plan.
+        if let Some(_lead) = gw.flights.join(format!("probe {name}@{digest}")).await {
+            probe(gw, up, org, name, digest, &plan.probe_first).await;
+            probed.extend(&plan.probe_first);
+        }
         plan = s.digest_plan(name, digest).await;
     }
     let mut tried: Vec<BackendIdx> = Vec::new();

@@ -13,7 +13,7 @@ use moka::sync::Cache;
 use crate::config::CacheSettings;
 use crate::model::{unix_ms, BackendIdx, Delivery, Holding, TagRecord};
 use crate::oci::{Digest, RepoName, Tag};
-use crate::store::{invalidate_where, Store};
+use crate::store::{invalidate_where, Store, StoreError};
 use crate::topology::Org;
 
 /// A manifest as the backend sent it, verified against its digest.
@@ -68,6 +68,133 @@ pub struct Redirect {
     until: Instant,
 }
 
+type HolderKey = (RepoName, Digest, BackendIdx);
+
+/// Who holds what, in two caches each bounded by bytes: facts that a backend holds a digest,
+/// and facts that it lacks one. Requests for invented repository names only ever learn
+/// "lacks", so they churn the small second cache and never push out what serves pulls.
+struct Holders {
+    has: Cache<HolderKey, Instant>,
+    lacks: Cache<HolderKey, Instant>,
+}
+
+/// The approximate bytes a cache entry costs (keys, values and the cache's own overhead),
+/// for moka's weigher.
+fn weight(bytes: usize) -> u32 {
+    u32::try_from(bytes.saturating_add(96)).unwrap_or(u32::MAX)
+}
+
+// moka hands the weigher the key as stored.
+#[allow(clippy::borrowed_box)]
+fn redirect_weight(path: &Box<str>, r: &Arc<Redirect>) -> u32 {
+    weight(path.len() + r.location.len() + r.backend.len() + 128)
+}
+
+fn holder_weight(k: &HolderKey, _: &Instant) -> u32 {
+    weight(k.0.as_str().len() + k.1.as_str().len())
+}
+
+impl Holders {
+    fn new(settings: &CacheSettings) -> Holders {
+        Holders {
+            has: Cache::builder()
+                .max_capacity(settings.holder_bytes)
+                .weigher(holder_weight)
+                .time_to_live(settings.holder_ttl)
+                .build(),
+            lacks: Cache::builder()
+                .max_capacity(settings.lacks_bytes)
+                .weigher(holder_weight)
+                .time_to_live(settings.lacks_ttl)
+                .build(),
+        }
+    }
+
+    fn get(&self, key: &HolderKey) -> Option<(Holding, Instant)> {
+        let now = Instant::now();
+        let has = self.has.get(key).filter(|until| *until > now);
+        let lacks = self.lacks.get(key).filter(|until| *until > now);
+        match (has, lacks) {
+            (Some(until), _) => Some((Holding::Has, until)),
+            (None, Some(until)) => Some((Holding::Lacks, until)),
+            (None, None) => None,
+        }
+    }
+
+    fn insert(&self, key: HolderKey, holding: Holding, until: Instant) {
+        match holding {
+            Holding::Has => {
+                self.lacks.invalidate(&key);
+                self.has.insert(key, until);
+            }
+            Holding::Lacks => {
+                self.has.invalidate(&key);
+                self.lacks.insert(key, until);
+            }
+            Holding::Unknown => {}
+        }
+    }
+
+    fn forget_digest(&self, digest: &Digest) {
+        invalidate_where(&self.has, |k| &k.1 == digest);
+        invalidate_where(&self.lacks, |k| &k.1 == digest);
+    }
+}
+
+/// A store write queued by a request.
+type Write = (
+    &'static str,
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>,
+);
+
+/// Facts waiting to be written to the store, at most.
+const WRITE_QUEUE: usize = 10_000;
+/// Store writes in flight at once.
+const WRITES_IN_FLIGHT: usize = 32;
+
+/// Drains the write queue on a thread of its own (the workers' runtimes are busy with
+/// requests and may be gone when a write finishes); ends when the node drops its sender.
+fn start_writer(quiet: Arc<AtomicU64>) -> tokio::sync::mpsc::Sender<Write> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Write>(WRITE_QUEUE);
+    let spawned = std::thread::Builder::new()
+        .name("regatta-store-writes".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the store writer; facts stay local");
+                    return;
+                }
+            };
+            let writes = futures_util::stream::unfold(rx, |mut rx| async {
+                rx.recv().await.map(|write| (write, rx))
+            });
+            runtime.block_on(futures_util::StreamExt::for_each_concurrent(
+                writes,
+                WRITES_IN_FLIGHT,
+                |(what, write)| {
+                    let quiet = quiet.clone();
+                    async move {
+                        if let Err(e) = write.await {
+                            quiet.store(
+                                unix_ms(SystemTime::now()) + STORE_QUIET_MS,
+                                Ordering::Relaxed,
+                            );
+                            tracing::debug!(error = %e, what, "store write failed");
+                        }
+                    }
+                },
+            ));
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the store writer thread; facts stay local");
+    }
+    tx
+}
+
 /// How long the store is left alone after a failed call.
 const STORE_QUIET_MS: u64 = 1_000;
 
@@ -76,7 +203,7 @@ pub struct Knowledge {
     holder_ttl: Duration,
     lacks_ttl: Duration,
     stale_tag_ttl: Duration,
-    holders: Cache<(RepoName, Digest, BackendIdx), (Holding, Instant)>,
+    holders: Holders,
     tags: Cache<(RepoName, Tag), TagRecord>,
     manifests: Cache<Digest, Arc<Manifest>>,
     sizes: Cache<Digest, u64>,
@@ -89,6 +216,9 @@ pub struct Knowledge {
     epoch: Arc<AtomicU64>,
     /// Until when (Unix ms) the store is left alone after failing.
     store_quiet_until: Arc<AtomicU64>,
+    /// Facts on their way to the store (bounded), and how many were dropped.
+    writes: tokio::sync::mpsc::Sender<Write>,
+    writes_dropped: prometheus::IntCounter,
     /// Per backend, until when (Unix ms) it counts as down after failing to answer.
     down_until: Vec<AtomicU64>,
     failure_backoff: Duration,
@@ -103,18 +233,26 @@ impl Knowledge {
         ids: Vec<Arc<str>>,
         store: Arc<dyn Store>,
         epoch: Arc<AtomicU64>,
+        writes_dropped: prometheus::IntCounter,
     ) -> Self {
+        let quiet = Arc::new(AtomicU64::new(0));
         Knowledge {
             store,
             holder_ttl: settings.holder_ttl,
             lacks_ttl: settings.lacks_ttl,
             stale_tag_ttl: settings.stale_tag_ttl,
-            holders: Cache::builder()
-                .max_capacity(1_000_000)
-                .time_to_live(settings.holder_ttl.max(settings.lacks_ttl))
-                .build(),
+            holders: Holders::new(settings),
             tags: Cache::builder()
-                .max_capacity(100_000)
+                .max_capacity(settings.tag_bytes)
+                .weigher(|k: &(RepoName, Tag), r: &TagRecord| {
+                    weight(
+                        k.0.as_str().len()
+                            + k.1.as_str().len()
+                            + r.media_type.len()
+                            + r.backend.len()
+                            + r.digest.as_str().len(),
+                    )
+                })
                 .time_to_live(settings.stale_tag_ttl)
                 .build(),
             manifests: Cache::builder()
@@ -122,19 +260,26 @@ impl Knowledge {
                 .weigher(|_, m: &Arc<Manifest>| m.bytes.len().try_into().unwrap_or(u32::MAX))
                 .build(),
             sizes: Cache::builder()
-                .max_capacity(1_000_000)
+                .max_capacity(settings.holder_bytes / 4)
+                .weigher(|k: &Digest, _: &u64| weight(k.as_str().len()))
                 .time_to_live(settings.holder_ttl)
                 .build(),
             resolved: Cache::builder()
-                .max_capacity(100_000)
+                .max_capacity(settings.url_bytes / 2)
+                .weigher(|k: &(BackendIdx, Digest), v: &(Arc<str>, Instant)| {
+                    weight(k.1.as_str().len() + v.0.len())
+                })
                 .time_to_live(settings.resolve_ttl)
                 .build(),
             detected: ids.iter().map(|_| AtomicU8::new(0)).collect(),
             down_until: ids.iter().map(|_| AtomicU64::new(0)).collect(),
-            store_quiet_until: Arc::new(AtomicU64::new(0)),
+            store_quiet_until: quiet.clone(),
+            writes: start_writer(quiet),
+            writes_dropped,
             // A fast hasher: this lookup is most of what a warm redirect costs.
             redirects: Cache::builder()
-                .max_capacity(100_000)
+                .max_capacity(settings.url_bytes / 2)
+                .weigher(redirect_weight)
                 .time_to_live(REDIRECT_REUSE)
                 .build_with_hasher(foldhash::fast::RandomState::default()),
             epoch,
@@ -145,13 +290,12 @@ impl Knowledge {
 
     /// For each of the org's backends (policy order), whether it holds `digest` in `name`.
     pub async fn holdings(&self, org: &Org, name: &RepoName, digest: &Digest) -> Vec<Holding> {
-        let now = Instant::now();
         let mut out = Vec::with_capacity(org.backends.len());
         let mut missing = false;
         for &b in &org.backends {
             let local = self.holders.get(&(name.clone(), digest.clone(), b));
             match local {
-                Some((holding, until)) if until > now => out.push(holding),
+                Some((holding, _)) => out.push(holding),
                 _ => {
                     missing = true;
                     out.push(Holding::Unknown);
@@ -204,7 +348,9 @@ impl Knowledge {
         }
     }
 
-    /// Writes a fact to the store off the request path.
+    /// Queues a fact for the store, off the request path. When the queue is full (the
+    /// store cannot keep up) the fact is dropped and counted: it is only a hint to other
+    /// nodes, and a request must never wait for it or grow memory for it.
     fn write_behind<F>(&self, what: &'static str, write: F)
     where
         F: std::future::Future<Output = Result<(), crate::store::StoreError>> + Send + 'static,
@@ -212,20 +358,9 @@ impl Knowledge {
         if !self.store_usable() {
             return;
         }
-        let quiet = self.store_quiet_until_handle();
-        tokio::spawn(async move {
-            if let Err(e) = write.await {
-                quiet.store(
-                    unix_ms(SystemTime::now()) + STORE_QUIET_MS,
-                    Ordering::Relaxed,
-                );
-                tracing::debug!(error = %e, what, "store write failed");
-            }
-        });
-    }
-
-    fn store_quiet_until_handle(&self) -> Arc<AtomicU64> {
-        self.store_quiet_until.clone()
+        if self.writes.try_send((what, Box::pin(write))).is_err() {
+            self.writes_dropped.inc();
+        }
     }
 
     fn remember_locally(
@@ -238,7 +373,7 @@ impl Knowledge {
         let ttl = self.ttl_for(holding);
         let key = (name.clone(), digest.clone(), backend);
         let changed = self.holders.get(&key).map(|(h, _)| h) != Some(holding);
-        self.holders.insert(key, (holding, Instant::now() + ttl));
+        self.holders.insert(key, holding, Instant::now() + ttl);
         if changed {
             self.redirects.invalidate(blob_path(name, digest).as_str());
         }
@@ -415,7 +550,7 @@ impl Knowledge {
     pub fn purge(&self, digest: Option<&Digest>, repo: Option<&RepoName>) {
         self.bump();
         if let Some(digest) = digest {
-            invalidate_where(&self.holders, |k| &k.1 == digest);
+            self.holders.forget_digest(digest);
             invalidate_where(&self.resolved, |k| &k.1 == digest);
             self.manifests.invalidate(digest);
         }

@@ -168,19 +168,38 @@ async fn resolve_tag(
 ) -> Result<Resolved, ApiError> {
     let gw = s.gw;
     let org = &*s.org;
-    let known = gw.knowledge.tag(name, tag).await;
-    let fresh = known
-        .as_ref()
-        .is_some_and(|r| r.age(SystemTime::now()) < org.tag_ttl);
+    let fresh_record = || async {
+        let known = gw.knowledge.tag(name, tag).await;
+        let fresh = known
+            .as_ref()
+            .is_some_and(|r| r.age(SystemTime::now()) < org.tag_ttl);
+        (known, fresh)
+    };
+    let (mut known, fresh) = fresh_record().await;
     gw.metrics.hit("tag", fresh);
-    if let Some(record) = &known {
-        if fresh {
+    if fresh {
+        if let Some(record) = known {
             return Ok(Resolved {
-                record: record.clone(),
+                record,
                 stale: false,
             });
         }
     }
+    // The same tag asked at once by many clients goes to the authority once.
+    let _lead = match gw.flights.join(format!("tag {name}:{tag}")).await {
+        Some(lead) => Some(lead),
+        None => {
+            let (again, fresh) = fresh_record().await;
+            if let (true, Some(record)) = (fresh, &again) {
+                return Ok(Resolved {
+                    record: record.clone(),
+                    stale: false,
+                });
+            }
+            known = again;
+            None
+        }
+    };
     let authorities = s.tag_plan();
     for &b in &authorities {
         match ask_authority(gw, up, org, b, name, tag).await {
@@ -360,20 +379,23 @@ pub(super) async fn by_digest(
 ) -> Result<(Arc<Manifest>, BackendIdx), ApiError> {
     let gw = s.gw;
     let org = &*s.org;
-    let plan = s.digest_plan(name, digest).await;
-    let cached = gw.knowledge.manifest(digest);
+    let mut plan = s.digest_plan(name, digest).await;
+    let cached = cached_manifest(gw, &plan, digest);
     gw.metrics.hit("manifest", cached.is_some());
-    // Cached bytes are verified and cost no backend a request: serve them whenever a
-    // backend of this org is known to hold the digest, even one drained or down now.
-    let known_holder = plan.holders.first().copied().or_else(|| {
-        plan.assessed
-            .iter()
-            .find(|a| a.holding == Holding::Has)
-            .map(|a| a.backend)
-    });
-    if let (Some(manifest), Some(holder)) = (cached, known_holder) {
-        return Ok((manifest, holder));
+    if let Some(hit) = cached {
+        return Ok(hit);
     }
+    // The same manifest asked at once by many clients is fetched once.
+    let _lead = match gw.flights.join(format!("manifest {name}@{digest}")).await {
+        Some(lead) => Some(lead),
+        None => {
+            plan = s.digest_plan(name, digest).await;
+            if let Some(hit) = cached_manifest(gw, &plan, digest) {
+                return Ok(hit);
+            }
+            None
+        }
+    };
     let mut failures = 0u32;
     for b in plan.attempts() {
         let backend = gw.topology.backend(b);
@@ -416,6 +438,23 @@ pub(super) async fn by_digest(
     let plan = s.digest_plan(name, digest).await;
     let unknown = ApiError::ManifestUnknown(format!("{name}@{digest}"));
     Err(s.none_serves(&plan, name, digest, unknown))
+}
+
+/// Cached bytes are verified and cost no backend a request: they are served whenever a
+/// backend of this org is known to hold the digest, even one drained or down now.
+fn cached_manifest(
+    gw: &Gateway,
+    plan: &crate::placement::DigestPlan,
+    digest: &Digest,
+) -> Option<(Arc<Manifest>, BackendIdx)> {
+    let manifest = gw.knowledge.manifest(digest)?;
+    let holder = plan.holders.first().copied().or_else(|| {
+        plan.assessed
+            .iter()
+            .find(|a| a.holding == Holding::Has)
+            .map(|a| a.backend)
+    })?;
+    Some((manifest, holder))
 }
 
 #[derive(Deserialize)]

@@ -6,6 +6,7 @@
 //! facts are all cached makes no call to the store or to a backend.
 
 mod blobs;
+mod flights;
 mod knowledge;
 mod listing;
 mod manifests;
@@ -42,6 +43,8 @@ pub struct Gateway {
     pub state: Arc<ClusterState>,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
+    /// Cold lookups in flight, so identical ones go to the backends once.
+    flights: flights::Flights,
 }
 
 impl Gateway {
@@ -61,6 +64,7 @@ impl Gateway {
                 topology.backends.iter().map(|b| b.id.clone()).collect(),
                 store.clone(),
                 epoch.clone(),
+                metrics.store_writes_dropped.clone(),
             ),
             state: Arc::new(ClusterState::new(
                 Snapshot::from_config(&topology, settings),
@@ -72,6 +76,7 @@ impl Gateway {
             auth: Arc::new(AuthCache::new()),
             store,
             metrics,
+            flights: flights::Flights::default(),
         }
     }
 }

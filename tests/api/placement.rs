@@ -85,3 +85,59 @@ async fn unknown_holders_are_probed_and_remembered() {
         "b is probed once; the redirects that follow need no backend call"
     );
 }
+
+/// Many clients asking the same cold thing at once cost the backends one request.
+#[actix_web::test]
+async fn identical_cold_lookups_go_to_the_backends_once() {
+    let a = Registry::start(Shape::Anonymous, None);
+    let b = Registry::start(Shape::Anonymous, None);
+    let work = tempfile::tempdir().unwrap();
+    let image = images::multiarch(&work.path().join("image"), "single-flight", "1.0", 1, 1024);
+    a.push(&image, "acme/app", "1.0");
+    b.push(&image, "acme/app", "1.0");
+    let app = spawn_app(
+        &Config::new()
+            .backend("a", &a, "direct")
+            .backend("b", &b, "direct")
+            .org("acme", &["a", "b"], "30s", &[]),
+    )
+    .await;
+    let at_once = |path: String| {
+        let app = &app;
+        async move {
+            let answers = futures_util::future::join_all((0..50).map(|_| app.get(&path))).await;
+            answers.iter().map(|a| a.status).collect::<Vec<u16>>()
+        }
+    };
+    let requests = |needle: &str| a.requests_naming(needle).len() + b.requests_naming(needle).len();
+
+    // (Pushing left reads of its own in the access logs: count what the gateway adds.)
+    let tag = "/v2/acme/app/manifests/1.0";
+    let before = requests("/manifests/1.0");
+    assert!(at_once(tag.into()).await.iter().all(|s| *s == 200));
+    assert_eq!(requests("/manifests/1.0") - before, 1, "one tag resolution");
+
+    let manifest = &image.platform("arm64").manifest.digest;
+    let before = requests(manifest);
+    let path = format!("/v2/acme/app/manifests/{manifest}");
+    assert!(at_once(path).await.iter().all(|s| *s == 200));
+    assert_eq!(requests(manifest) - before, 1, "one manifest fetch");
+
+    // A blob nothing is known about (no manifest naming it was served): both are probed.
+    let layer = &image.platform("amd64").layers[0].digest;
+    let before = (
+        a.requests_naming(layer).len(),
+        b.requests_naming(layer).len(),
+    );
+    let path = format!("/v2/acme/app/blobs/{layer}");
+    assert!(at_once(path).await.iter().all(|s| *s == 307));
+    let after = (
+        a.requests_naming(layer).len(),
+        b.requests_naming(layer).len(),
+    );
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1, 1),
+        "one probe per backend"
+    );
+}
