@@ -33,6 +33,8 @@ pub enum ApiError {
     Unsupported(String),
     #[error("no backend can serve this request now: {0}")]
     Unavailable(String),
+    #[error("too many requests that need the backends from this client; retry in {}s", retry_secs(.0))]
+    TooManyRequests(std::time::Duration),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -59,6 +61,7 @@ impl ApiError {
             ApiError::PaginationInvalid(_) => "PAGINATION_NUMBER_INVALID",
             ApiError::Unsupported(_) => "UNSUPPORTED",
             ApiError::Unavailable(_) => "UNAVAILABLE",
+            ApiError::TooManyRequests(_) => "TOOMANYREQUESTS",
             ApiError::Internal(_) => "UNKNOWN",
         }
     }
@@ -70,6 +73,13 @@ impl ApiError {
             other => other.to_string(),
         }
     }
+}
+
+/// Whole seconds to wait, at least one.
+fn retry_secs(wait: &std::time::Duration) -> u64 {
+    wait.as_secs()
+        .saturating_add(u64::from(wait.subsec_nanos() > 0))
+        .max(1)
 }
 
 /// Seconds a client should wait before retrying when no backend can serve.
@@ -88,6 +98,7 @@ impl ResponseError for ApiError {
             }
             ApiError::Unsupported(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -108,6 +119,9 @@ impl ResponseError for ApiError {
             }
             ApiError::Unsupported(_) => {
                 response.insert_header((header::ALLOW, HeaderValue::from_static("GET, HEAD")));
+            }
+            ApiError::TooManyRequests(wait) => {
+                response.insert_header((header::RETRY_AFTER, retry_secs(wait).to_string()));
             }
             _ => {}
         }

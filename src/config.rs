@@ -34,6 +34,8 @@ pub struct Settings {
     #[serde(default)]
     pub health: HealthSettings,
     #[serde(default)]
+    pub limits: LimitSettings,
+    #[serde(default)]
     pub cluster: ClusterSettings,
     #[serde(default)]
     pub backends: Vec<BackendSettings>,
@@ -140,6 +142,30 @@ impl Default for HealthSettings {
             rise: 2,
             fall: 3,
             degraded_latency: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Per-client limits on the requests that cost backend round trips (cold lookups). Warm
+/// answers are never limited.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    /// Cold lookups (tag resolutions, manifest fetches, blob probes, tag lists, referrers)
+    /// one client address may cause per second; 0 turns limiting off.
+    pub cold_per_second: u32,
+    /// How many it may cause at once before the rate applies.
+    pub cold_burst: u32,
+    /// Networks never limited (CIDR), e.g. a CI farm behind one NAT address.
+    pub trusted: Vec<ipnet::IpNet>,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        LimitSettings {
+            cold_per_second: 50,
+            cold_burst: 500,
+            trusted: Vec::new(),
         }
     }
 }

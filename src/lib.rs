@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod config;
 pub mod gateway;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod oci;

@@ -40,6 +40,7 @@ pub(super) async fn serve(
         // The same blob asked at once by many clients is probed once; a request that
         // waited for another's probe finds what it learned in the new plan.
         if let Some(_lead) = gw.flights.join(format!("probe {name}@{digest}")).await {
+            s.spend_cold()?;
             probe(gw, up, org, name, digest, &plan.probe_first).await;
             probed.extend(&plan.probe_first);
         }

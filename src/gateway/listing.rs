@@ -51,6 +51,7 @@ pub(super) async fn tags(
     }
     let params = params.finish();
     let mut failures = Vec::new();
+    s.spend_cold()?;
     // The tag namespace is the authorities' to tell, like a single tag.
     for b in s.tag_plan() {
         let backend = gw.topology.backend(b);
@@ -136,6 +137,7 @@ pub(super) async fn referrers(
     let artifact_type = actix_web::web::Query::<ReferrersQuery>::from_query(req.query_string())
         .map(|q| q.into_inner().artifact_type)
         .unwrap_or(None);
+    s.spend_cold()?;
     // Referrers live beside the digest they refer to: ask where the digest is.
     let plan = s.digest_plan(name, digest).await;
     for b in plan.attempts() {

@@ -200,6 +200,7 @@ async fn resolve_tag(
             None
         }
     };
+    s.spend_cold()?;
     let authorities = s.tag_plan();
     for &b in &authorities {
         match ask_authority(gw, up, org, b, name, tag).await {
@@ -396,6 +397,7 @@ pub(super) async fn by_digest(
             None
         }
     };
+    s.spend_cold()?;
     let mut failures = 0u32;
     for b in plan.attempts() {
         let backend = gw.topology.backend(b);

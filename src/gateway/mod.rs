@@ -45,6 +45,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Cold lookups in flight, so identical ones go to the backends once.
     flights: flights::Flights,
+    /// Per-client allowance of cold lookups.
+    limiter: crate::limits::ColdLimiter,
 }
 
 impl Gateway {
@@ -77,6 +79,7 @@ impl Gateway {
             store,
             metrics,
             flights: flights::Flights::default(),
+            limiter: crate::limits::ColdLimiter::new(&settings.limits),
         }
     }
 }
@@ -87,18 +90,34 @@ pub(crate) struct Scope<'g> {
     pub gw: &'g Gateway,
     pub snapshot: Arc<Snapshot>,
     pub org: Arc<Org>,
+    /// The client's address, for its allowance of cold lookups.
+    client: Option<std::net::IpAddr>,
 }
 
 impl<'g> Scope<'g> {
     /// The scope of a request for `name`, or 403 for a name outside every org.
-    fn new(gw: &'g Gateway, name: &RepoName) -> Result<Scope<'g>, ApiError> {
+    fn new(gw: &'g Gateway, name: &RepoName, req: &HttpRequest) -> Result<Scope<'g>, ApiError> {
         let snapshot = gw.state.load_full();
         let org = snapshot
             .orgs
             .get(name.org())
             .cloned()
             .ok_or_else(|| ApiError::Denied(name.org().to_owned()))?;
-        Ok(Scope { gw, snapshot, org })
+        Ok(Scope {
+            gw,
+            snapshot,
+            org,
+            client: req.peer_addr().map(|a| a.ip()),
+        })
+    }
+
+    /// Charges the client one cold lookup (a call this request must make to the backends),
+    /// or refuses with 429 when its allowance is spent.
+    fn spend_cold(&self) -> Result<(), ApiError> {
+        self.gw
+            .limiter
+            .spend(self.client, std::time::Instant::now())
+            .map_err(ApiError::TooManyRequests)
     }
 
     /// What placement weighs about `backends`: the snapshot plus this node's own passive
@@ -225,16 +244,16 @@ pub async fn handle(
             .content_type("application/json")
             .body("{}")),
         Route::Manifest { name, reference } => {
-            let scope = Scope::new(gw, &name)?;
+            let scope = Scope::new(gw, &name, req)?;
             manifests::serve(&scope, up, req, &name, reference, head).await
         }
         Route::Blob { name, digest } => {
-            let scope = Scope::new(gw, &name)?;
+            let scope = Scope::new(gw, &name, req)?;
             blobs::serve(&scope, up, req, &name, &digest, head).await
         }
-        Route::Tags { name } => listing::tags(&Scope::new(gw, &name)?, up, req, &name).await,
+        Route::Tags { name } => listing::tags(&Scope::new(gw, &name, req)?, up, req, &name).await,
         Route::Referrers { name, digest } => {
-            let scope = Scope::new(gw, &name)?;
+            let scope = Scope::new(gw, &name, req)?;
             listing::referrers(&scope, up, req, &name, &digest).await
         }
     }

@@ -103,3 +103,54 @@ async fn a_dead_backend_is_a_503_with_retry_after() {
         String::from_utf8_lossy(&answer.body)
     );
 }
+
+#[actix_web::test]
+async fn cold_lookups_are_limited_per_client_and_warm_answers_never() {
+    let hub = Registry::start(Shape::Anonymous, None);
+    let work = tempfile::tempdir().unwrap();
+    let image = images::multiarch(&work.path().join("image"), "limits", "1.0", 1, 256);
+    hub.push(&image, "acme/app", "1.0");
+    let config = |trusted: &[&str]| {
+        Config::new()
+            .limits(1, 5, trusted)
+            .backend("hub", &hub, "direct")
+            .org("acme", &["hub"], "30s", &[])
+    };
+    let node = spawn_app(&config(&[])).await;
+    // Warm: a manifest (one cold fetch) teaches the node where its layers are.
+    let manifest = format!(
+        "/v2/acme/app/manifests/{}",
+        image.platform("amd64").manifest.digest
+    );
+    assert_eq!(node.get(&manifest).await.status, 200);
+    let layer = format!(
+        "/v2/acme/app/blobs/{}",
+        image.platform("amd64").layers[0].digest
+    );
+    assert_eq!(node.get(&layer).await.status, 307);
+
+    // Invented digests: each is a cold lookup; the allowance (a burst of 5) runs out.
+    let unknown = |i: usize| format!("/v2/acme/app/manifests/sha256:{i:064x}");
+    let mut statuses = Vec::new();
+    for i in 0..10 {
+        statuses.push(node.get(&unknown(i)).await.status);
+    }
+    assert_eq!(statuses[..4], [404, 404, 404, 404], "{statuses:?}");
+    assert_eq!(statuses[6..], [429, 429, 429, 429], "{statuses:?}");
+    let limited = node.get(&unknown(99)).await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.error_code(), "TOOMANYREQUESTS");
+    assert!(limited.header("retry-after").is_some());
+
+    // Warm answers are never limited.
+    for _ in 0..20 {
+        assert_eq!(node.get(&manifest).await.status, 200);
+        assert_eq!(node.get(&layer).await.status, 307);
+    }
+
+    // A trusted network is not limited at all.
+    let trusting = spawn_app(&config(&["127.0.0.0/8"])).await;
+    for i in 0..20 {
+        assert_eq!(trusting.get(&unknown(i)).await.status, 404);
+    }
+}

@@ -272,6 +272,16 @@ impl Config {
         self
     }
 
+    /// Per-client limits on cold lookups.
+    pub fn limits(mut self, per_second: u32, burst: u32, trusted: &[&str]) -> Config {
+        let trusted: Vec<String> = trusted.iter().map(|t| format!("\"{t}\"")).collect();
+        self.sections.push_str(&format!(
+            "[limits]\ncold_per_second = {per_second}\ncold_burst = {burst}\ntrusted = [{}]\n",
+            trusted.join(", ")
+        ));
+        self
+    }
+
     /// Names the tag authorities of an org added before.
     pub fn tag_authorities(mut self, org: &str, ids: &[&str]) -> Config {
         let at = format!("[[orgs]]\nname = \"{org}\"\n");
