@@ -117,6 +117,7 @@ fn service(c: &mut Criterion) {
     let settings = settings();
     let gateway = web::Data::new(Gateway::new(
         &settings,
+        "bench".into(),
         Arc::new(MemoryStore::new()),
         Arc::new(regatta::metrics::Metrics::new()),
     ));

@@ -44,7 +44,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/orgs/{name}", web::get().to(get_org))
             .route("/orgs/{name}", web::put().to(put_org))
             .route("/orgs/{name}", web::delete().to(delete_org))
-            .route("/purge", web::post().to(purge)),
+            .route("/purge", web::post().to(purge))
+            .route("/node", web::get().to(node))
+            .route("/node/drain", web::post().to(node_drain))
+            .route("/node/undrain", web::post().to(node_undrain)),
     );
 }
 
@@ -194,6 +197,39 @@ fn backend_view(gw: &Gateway, idx: usize) -> BackendView {
             .map(|r| r.reason.clone())
             .filter(|r| !r.is_empty()),
     }
+}
+
+/// This node's readiness: what `/readyz` answers and why.
+fn node_view(gw: &Gateway) -> serde_json::Value {
+    let r = &gw.readiness;
+    json!({
+        "node": r.node_id,
+        "ready": r.not_ready().is_none(),
+        "reason": r.not_ready(),
+        "drained": r.drained(),
+        "shutting_down": r.shutting_down(),
+        "drain_file": r.drain_file().map(|f| f.display().to_string()),
+    })
+}
+
+async fn node(gw: web::Data<Gateway>) -> HttpResponse {
+    HttpResponse::Ok().json(node_view(&gw))
+}
+
+/// Takes this node (only) out of rotation: `/readyz` answers 503 and whatever announces the
+/// node (a load balancer, BGP) withdraws it; requests that still arrive are served.
+async fn node_drain(req: HttpRequest, gw: web::Data<Gateway>) -> HttpResponse {
+    if gw.readiness.set_drained(true) {
+        audit(&req, "node-drain", &gw.readiness.node_id, "");
+    }
+    HttpResponse::Ok().json(node_view(&gw))
+}
+
+async fn node_undrain(req: HttpRequest, gw: web::Data<Gateway>) -> HttpResponse {
+    if gw.readiness.set_drained(false) {
+        audit(&req, "node-undrain", &gw.readiness.node_id, "");
+    }
+    HttpResponse::Ok().json(node_view(&gw))
 }
 
 async fn list_backends(gw: web::Data<Gateway>) -> HttpResponse {

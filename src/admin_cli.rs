@@ -27,6 +27,12 @@ pub enum AdminCommand {
     },
     /// Stop serving an org.
     DeleteOrg { name: String },
+    /// This node's readiness; `drain` takes this node (only) out of rotation, `undrain`
+    /// puts it back.
+    Node {
+        #[arg(value_enum)]
+        action: Option<NodeAction>,
+    },
     /// Forget holders of a digest and/or a repository's tag resolutions, on every node.
     Purge {
         #[arg(long)]
@@ -34,6 +40,12 @@ pub enum AdminCommand {
         #[arg(long)]
         repository: Option<String>,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum NodeAction {
+    Drain,
+    Undrain,
 }
 
 /// Runs one admin command against `url`; returns the text to print or an error message.
@@ -74,6 +86,13 @@ async fn call(url: &str, token: &str, command: AdminCommand) -> Result<String, S
             (Method::PUT, format!("/orgs/{name}"), Some(policy))
         }
         AdminCommand::DeleteOrg { name } => (Method::DELETE, format!("/orgs/{name}"), None),
+        AdminCommand::Node { action: None } => (Method::GET, "/node".into(), None),
+        AdminCommand::Node {
+            action: Some(NodeAction::Drain),
+        } => (Method::POST, "/node/drain".into(), None),
+        AdminCommand::Node {
+            action: Some(NodeAction::Undrain),
+        } => (Method::POST, "/node/undrain".into(), None),
         AdminCommand::Purge { digest, repository } => (
             Method::POST,
             "/purge".into(),

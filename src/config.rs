@@ -60,6 +60,18 @@ pub struct ServerSettings {
     pub tls_cert: Option<String>,
     #[serde(default)]
     pub tls_key: Option<String>,
+    /// While this file exists the node reports not ready (`/readyz` 503): a sidecar's way
+    /// to take the node out of rotation.
+    #[serde(default)]
+    pub drain_file: Option<std::path::PathBuf>,
+    /// On SIGTERM (or Ctrl-C): `/readyz` answers 503 at once, the node keeps serving for
+    /// this long (announcements are withdrawn, in-flight streams finish), then stops.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// Which store holds shared state (tag cache, digest holders, detected delivery modes).

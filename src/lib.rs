@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod model;
 pub mod oci;
 pub mod placement;
+pub mod readiness;
 pub mod route;
 pub mod startup;
 pub mod store;

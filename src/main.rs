@@ -99,6 +99,7 @@ fn main() -> ExitCode {
 #[actix_web::main]
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     let telemetry = regatta::telemetry::init(&settings.log, &settings.tracing);
+    let grace = settings.server.shutdown_grace;
     let app = Application::build(settings)?;
     tracing::info!(addr = %app.addr(), "registry API listening");
     println!("regatta listening on http://{}", app.addr());
@@ -106,14 +107,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         tracing::info!(addr = %admin, "admin API listening");
         println!("regatta admin API on http://{admin}");
     }
-    let handles = app.handles();
-    actix_web::rt::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down");
-        for handle in handles {
-            handle.stop(true).await;
-        }
-    });
+    app.stop_on_signals(grace);
     let served = app.run_until_stopped().await;
     // The OTLP exporter's shutdown blocks; on actix's runtime it must run off the loop.
     let _ = actix_web::rt::task::spawn_blocking(move || telemetry.shutdown()).await;

@@ -46,6 +46,8 @@ pub const ADMIN_ACTIONS: &[&str] = &[
     "put-org",
     "delete-org",
     "purge",
+    "node-drain",
+    "node-undrain",
 ];
 
 /// The `method` label of a request: only the methods a read-only registry serves, so a

@@ -46,11 +46,16 @@ impl Application {
                 RedisTarget::parse(url).map_err(|e| anyhow::anyhow!("store.url: {e}"))?,
             )),
         };
-        let metrics = Arc::new(crate::metrics::Metrics::new());
-        let gateway = web::Data::new(Gateway::new(&settings, store, metrics));
         let listener = TcpListener::bind(settings.listen_addr())
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.server.listen))?;
         let addr = listener.local_addr()?;
+        let node_id = settings
+            .cluster
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", hostname(), addr.port()));
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let gateway = web::Data::new(Gateway::new(&settings, node_id.clone(), store, metrics));
         let upstream_settings = settings.upstream.clone();
         let auth = gateway.auth.clone();
         let api_gateway = gateway.clone();
@@ -69,7 +74,11 @@ impl Application {
         if let Some(workers) = settings.server.workers {
             server = server.workers(workers);
         }
-        let server = server.disable_signals().shutdown_timeout(5).run();
+        // After the grace period, requests still in flight get as long again to finish.
+        let server = server
+            .disable_signals()
+            .shutdown_timeout(settings.server.shutdown_grace.as_secs().max(1))
+            .run();
 
         let admin = match (&settings.admin.listen, &settings.admin.token) {
             (Some(listen), Some(token)) => {
@@ -92,11 +101,6 @@ impl Application {
             }
             _ => None,
         };
-        let node_id = settings
-            .cluster
-            .node_id
-            .clone()
-            .unwrap_or_else(|| format!("{}:{}", hostname(), addr.port()));
         Ok(Application {
             server,
             admin,
@@ -122,6 +126,38 @@ impl Application {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(|(_, a)| *a)
+    }
+
+    /// On SIGTERM or SIGINT: report not ready at once, keep serving for `grace` (so that
+    /// load balancers and BGP withdraw the node before it stops answering), then stop the
+    /// servers gracefully (in-flight requests get as long again to finish).
+    pub fn stop_on_signals(&self, grace: std::time::Duration) {
+        let gateway = self.gateway.clone();
+        let handles = self.handles();
+        actix_web::rt::spawn(async move {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(term) => term,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for SIGTERM");
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            gateway.readiness.begin_shutdown();
+            tracing::info!(
+                grace_ms = grace.as_millis() as u64,
+                "shutting down: not ready now, serving until the grace period ends"
+            );
+            actix_web::rt::time::sleep(grace).await;
+            tracing::info!("grace period over; stopping");
+            for handle in handles {
+                handle.stop(true).await;
+            }
+        });
     }
 
     /// Handles to stop the servers from elsewhere (registry API first).
@@ -184,7 +220,17 @@ pub fn registry_app(
             "/healthz",
             web::get().to(|| async { HttpResponse::Ok().body("ok") }),
         )
+        .route("/readyz", web::get().to(readyz))
         .default_service(web::to(dispatch))
+}
+
+/// `GET /readyz`: 200 while this node should receive traffic, 503 (with the reason) while
+/// it is drained, has a drain file, or is shutting down. `/healthz` stays liveness.
+async fn readyz(gw: web::Data<Gateway>) -> HttpResponse {
+    match gw.readiness.not_ready() {
+        None => HttpResponse::Ok().body("ready"),
+        Some(reason) => HttpResponse::ServiceUnavailable().body(reason),
+    }
 }
 
 /// The TLS configuration of the registry API from PEM files.

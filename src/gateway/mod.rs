@@ -43,6 +43,8 @@ pub struct Gateway {
     pub state: Arc<ClusterState>,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
+    /// Whether this node should receive traffic (`/readyz`).
+    pub readiness: crate::readiness::Readiness,
     /// Cold lookups in flight, so identical ones go to the backends once.
     flights: flights::Flights,
     /// Per-client allowance of cold lookups.
@@ -50,7 +52,12 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(settings: &Settings, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Gateway {
+    pub fn new(
+        settings: &Settings,
+        node_id: String,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+    ) -> Gateway {
         let topology = Arc::new(Topology::from_settings(settings));
         let epoch = Arc::new(std::sync::atomic::AtomicU64::new(0));
         metrics.prime(
@@ -79,6 +86,10 @@ impl Gateway {
             store,
             metrics,
             flights: flights::Flights::default(),
+            readiness: crate::readiness::Readiness::new(
+                node_id,
+                settings.server.drain_file.clone(),
+            ),
             limiter: crate::limits::ColdLimiter::new(&settings.limits),
         }
     }

@@ -71,6 +71,9 @@ async fn every_documented_admin_call_answers_as_described() {
         ("purge", Method::POST, "/admin/v1/purge", Some(json!({"digest": DIGEST, "repository": "acme/app"})), 200),
         ("purge", Method::POST, "/admin/v1/purge", Some(json!({})), 400),
         ("purge", Method::POST, "/admin/v1/purge", Some(json!({"digest": "md5:x"})), 400),
+        ("getNode", Method::GET, "/admin/v1/node", None, 200),
+        ("drainNode", Method::POST, "/admin/v1/node/drain", None, 200),
+        ("undrainNode", Method::POST, "/admin/v1/node/undrain", None, 200),
     ];
 
     let mut documented = BTreeSet::new();

@@ -186,6 +186,8 @@ impl Answer {
 /// Builds gateway configuration text.
 pub struct Config {
     region: String,
+    /// More keys of the `[server]` section.
+    server: String,
     sections: String,
     text: String,
 }
@@ -196,9 +198,17 @@ impl Config {
     pub fn new() -> Config {
         Config {
             region: "eu".into(),
+            server: String::new(),
             sections: "[log]\nformat = \"pretty\"\nfilter = \"warn,regatta::audit=info\"\n".into(),
             text: String::new(),
         }
+    }
+
+    /// Another key of the `[server]` section, e.g. `drain_file = "/path"`.
+    pub fn server_key(mut self, line: &str) -> Config {
+        self.server.push_str(line);
+        self.server.push('\n');
+        self
     }
 
     pub fn region(mut self, region: &str) -> Config {
@@ -238,8 +248,8 @@ impl Config {
 
     fn render(&self) -> String {
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nregion = \"{}\"\nworkers = 2\n{}{}",
-            self.region, self.sections, self.text
+            "[server]\nlisten = \"127.0.0.1:0\"\nregion = \"{}\"\nworkers = 2\n{}{}{}",
+            self.region, self.server, self.sections, self.text
         )
     }
 
@@ -376,7 +386,7 @@ pub async fn wait_for_http(url: &str) {
 pub struct NodeProcess {
     pub port: u16,
     pub log: std::path::PathBuf,
-    _proc: crate::procs::Proc,
+    pub proc: crate::procs::Proc,
 }
 
 impl NodeProcess {
@@ -405,11 +415,7 @@ impl NodeProcess {
             Duration::from_secs(30),
             || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
         );
-        NodeProcess {
-            port,
-            log,
-            _proc: proc,
-        }
+        NodeProcess { port, log, proc }
     }
 }
 

@@ -22,6 +22,26 @@ impl Proc {
         Proc { child: Some(child) }
     }
 
+    /// Sends SIGTERM (by PID, to this child only), as an orchestrator stopping it would.
+    pub fn terminate(&self) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status()
+                .expect("kill runs");
+            assert!(status.success(), "kill -TERM {}", child.id());
+        }
+    }
+
+    /// Whether the child has exited (reaping it when it has).
+    pub fn exited(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => child.try_wait().ok().flatten().is_some(),
+            None => true,
+        }
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
