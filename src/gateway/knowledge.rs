@@ -78,16 +78,21 @@ struct Holders {
     lacks: Cache<HolderKey, Instant>,
 }
 
-/// The approximate bytes a cache entry costs (keys, values and the cache's own overhead),
-/// for moka's weigher.
+/// What one cache entry costs besides the bytes of its strings: the key and value structs,
+/// moka's entry, node and index, and the allocator's rounding. Measured with
+/// `cargo bench --bench memory` (resident memory per holder fact learned), so that the
+/// `cache.*_bytes` budgets are what the node's memory really grows by.
+const ENTRY_OVERHEAD: usize = 440;
+
+/// The bytes a cache entry costs, for moka's weigher.
 fn weight(bytes: usize) -> u32 {
-    u32::try_from(bytes.saturating_add(96)).unwrap_or(u32::MAX)
+    u32::try_from(bytes.saturating_add(ENTRY_OVERHEAD)).unwrap_or(u32::MAX)
 }
 
 // moka hands the weigher the key as stored.
 #[allow(clippy::borrowed_box)]
 fn redirect_weight(path: &Box<str>, r: &Arc<Redirect>) -> u32 {
-    weight(path.len() + r.location.len() + r.backend.len() + 128)
+    weight(path.len() + r.location.len() + r.backend.len())
 }
 
 fn holder_weight(k: &HolderKey, _: &Instant) -> u32 {
@@ -334,10 +339,12 @@ impl Knowledge {
         }
     }
 
-    /// After a store failure, reads skip the store for a moment: a dead store must not
-    /// add its timeout to every request.
+    /// Whether to ask or tell the store about holders and tags: never when it shares
+    /// nothing with other nodes, and not for a moment after a failure (a dead store must
+    /// not add its timeout to every request).
     fn store_usable(&self) -> bool {
-        self.store_quiet_until.load(Ordering::Relaxed) <= unix_ms(SystemTime::now())
+        self.store.shares_knowledge()
+            && self.store_quiet_until.load(Ordering::Relaxed) <= unix_ms(SystemTime::now())
     }
 
     fn store_failed(&self, what: &str, e: &crate::store::StoreError) {

@@ -58,6 +58,10 @@ impl Store for MemoryStore {
         "memory"
     }
 
+    fn shares_knowledge(&self) -> bool {
+        false
+    }
+
     async fn holdings(
         &self,
         repo: &RepoName,

@@ -38,6 +38,13 @@ pub trait Store: Send + Sync + 'static {
     /// Short name for logs: `memory`, `redis`.
     fn kind(&self) -> &'static str;
 
+    /// Whether holder and tag facts written here reach other nodes. The embedded store
+    /// serves one node, whose own caches already hold what it learned: writing them there
+    /// too would only double the memory they take.
+    fn shares_knowledge(&self) -> bool {
+        true
+    }
+
     /// Calls that failed since start.
     fn error_count(&self) -> u64 {
         0
