@@ -423,6 +423,7 @@ impl Settings {
         let env: config::Map<String, String> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with("REGATTA__"))
+            .map(|(k, v)| (indexed_env_key(&k), v))
             .collect();
         builder = builder.add_source(
             config::Environment::with_prefix("REGATTA")
@@ -649,6 +650,27 @@ fn problem_from_serde(e: &config::ConfigError) -> Problem {
     }
 }
 
+/// `REGATTA__BACKENDS__0__PASSWORD` names `backends[0].password`: a numeric segment indexes
+/// the list before it. (The config crate would read `backends.0` as a table key and replace the
+/// file's whole list with a table.) This is how a Kubernetes Secret sets one backend's
+/// credentials through the environment.
+fn indexed_env_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len() + 2);
+    for (i, segment) in key.split("__").enumerate() {
+        if i > 0 && !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) {
+            out.push('[');
+            out.push_str(segment);
+            out.push(']');
+        } else {
+            if i > 0 {
+                out.push_str("__");
+            }
+            out.push_str(segment);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -705,6 +727,28 @@ mod tests {
         .unwrap();
         assert_eq!(s.server.region, "us");
         assert_eq!(s.cache.lacks_ttl, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn environment_sets_one_entry_of_a_list() {
+        let s = load_str(
+            GOOD,
+            &[
+                ("REGATTA__BACKENDS__1__USERNAME", "bot"),
+                ("REGATTA__BACKENDS__1__PASSWORD", "from-a-secret"),
+                ("REGATTA__BACKENDS__0__PASSWORD", "rotated"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.backends.len(), 2);
+        assert_eq!(s.backends[0].id, "hub");
+        assert_eq!(s.backends[0].username.as_deref(), Some("alice"));
+        assert_eq!(s.backends[0].password.as_deref(), Some("rotated"));
+        assert_eq!(s.backends[0].delivery, Delivery::Resolve);
+        assert_eq!(s.backends[1].id, "mirror");
+        assert_eq!(s.backends[1].username.as_deref(), Some("bot"));
+        assert_eq!(s.backends[1].password.as_deref(), Some("from-a-secret"));
+        assert_eq!(s.orgs[0].backends, ["hub", "mirror"]);
     }
 
     #[test]

@@ -188,3 +188,165 @@ impl Containerd {
         Pulled { top, blobs }
     }
 }
+
+/// Debian's docker CLI (`docker.io`), by path: it matches the daemon (20.10) and builds with
+/// BuildKit built in. A newer CLI elsewhere on PATH talks to this daemon too (the API is
+/// negotiated), but without the buildx plugin its `docker build` falls back to the legacy
+/// builder, which does not skip unused stages.
+pub const DOCKER_CLI: &str = "/usr/bin/docker";
+
+/// A Docker Engine of the test's own: `dockerd` with its own data root, exec root and socket,
+/// no bridge and no iptables rules (containers use the host's network or none). Registry
+/// lookups outside loopback go to a closed proxy port, so nothing is ever fetched from outside.
+pub struct Dockerd {
+    pub dir: tempfile::TempDir,
+    proc: Proc,
+}
+
+impl Dockerd {
+    pub fn start() -> Dockerd {
+        require("dockerd");
+        assert!(
+            Path::new(DOCKER_CLI).is_file(),
+            "{DOCKER_CLI} is not installed: run scripts/test.sh, which installs docker.io"
+        );
+        // Short paths: the daemon's unix sockets live under the exec root (108-byte limit).
+        let dir = tempfile::Builder::new()
+            .prefix("dk")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let d = dir.path();
+        let closed = format!("http://127.0.0.1:{}", crate::procs::free_port());
+        let mut cmd = Command::new("dockerd");
+        cmd.arg("--data-root")
+            .arg(d.join("root"))
+            .arg("--exec-root")
+            .arg(d.join("exec"))
+            .arg("--pidfile")
+            .arg(d.join("dockerd.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", d.join("docker.sock").display()))
+            .args(["--iptables=false", "--ip6tables=false", "--bridge=none"])
+            .env("HTTPS_PROXY", &closed)
+            .env("HTTP_PROXY", &closed)
+            .env("NO_PROXY", "127.0.0.0/8,localhost");
+        let proc = Proc::spawn("dockerd", cmd, &d.join("dockerd.log"));
+        let docker = Dockerd { dir, proc };
+        wait_until("dockerd to answer", Duration::from_secs(60), || {
+            let mut info = docker.cli();
+            info.args(["version", "--format", "{{.Server.Version}}"]);
+            run(info, Duration::from_secs(10)).status.success()
+        });
+        docker
+    }
+
+    /// `unix://...` of this daemon, for DOCKER_HOST.
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.dir.path().join("docker.sock").display())
+    }
+
+    /// What a docker client (the CLI, docker-compose, a script) needs to use this daemon.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("DOCKER_HOST", self.host()),
+            (
+                "DOCKER_CONFIG",
+                self.dir.path().join("client").display().to_string(),
+            ),
+            ("DOCKER", DOCKER_CLI.to_owned()),
+        ]
+    }
+
+    /// The docker CLI talking to this daemon.
+    pub fn cli(&self) -> Command {
+        let mut cmd = Command::new(DOCKER_CLI);
+        cmd.envs(self.env());
+        cmd
+    }
+
+    /// Runs `docker ARGS` and returns its stdout, trimmed.
+    pub fn run(&self, args: &[&str]) -> String {
+        let mut cmd = self.cli();
+        cmd.args(args);
+        run_ok(cmd, PULL_LIMIT).trim().to_owned()
+    }
+
+    /// `docker pull`; returns the image ID (its config digest) and the repository digest.
+    pub fn pull(&self, reference: &str) -> (String, String) {
+        self.run(&["pull", reference]);
+        let id = self.run(&["image", "inspect", "--format", "{{.Id}}", reference]);
+        let digests = self.run(&[
+            "image",
+            "inspect",
+            "--format",
+            "{{range .RepoDigests}}{{println .}}{{end}}",
+            reference,
+        ]);
+        let repo = reference.rsplit_once(':').map_or(reference, |(r, _)| r);
+        let digest = digests
+            .lines()
+            .find_map(|l| l.strip_prefix(repo)?.strip_prefix('@'))
+            .unwrap_or_else(|| panic!("no digest of {repo} among {digests}"))
+            .to_owned();
+        (id, digest)
+    }
+
+    /// Builds `tag` from a `FROM scratch` image holding `binary` at `path` and every library
+    /// `ldd` lists for it, with `entrypoint` (a stand-in for a public image that cannot be
+    /// pulled here).
+    pub fn standin_image(&self, tag: &str, binary: &str, path: &str, entrypoint: &[&str]) {
+        let context = tempfile::tempdir().unwrap();
+        let root = context.path().join("root");
+        let mut files = vec![(PathBuf::from(binary), path.to_owned())];
+        let mut ldd = Command::new("ldd");
+        ldd.arg(binary);
+        let listing =
+            String::from_utf8_lossy(&run(ldd, Duration::from_secs(30)).stdout).into_owned();
+        for lib in listing.split_whitespace().filter(|w| w.starts_with('/')) {
+            files.push((PathBuf::from(lib), lib.to_owned()));
+        }
+        for (from, to) in &files {
+            let dest = root.join(to.trim_start_matches('/'));
+            std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            std::fs::copy(from, &dest)
+                .unwrap_or_else(|e| panic!("cannot copy {} for {tag}: {e}", from.display()));
+        }
+        std::fs::write(
+            context.path().join("Containerfile"),
+            format!(
+                "FROM scratch\nCOPY root/ /\nENV PATH=/usr/local/bin:/usr/bin:/bin\nENTRYPOINT {}\n",
+                serde_json::to_string(entrypoint).unwrap()
+            ),
+        )
+        .unwrap();
+        let mut build = self.cli();
+        build
+            .env("DOCKER_BUILDKIT", "1")
+            .args(["build", "--quiet", "-t", tag, "-f"])
+            .arg(context.path().join("Containerfile"))
+            .arg(context.path());
+        run_ok(build, PULL_LIMIT);
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        // Containers a test left behind go first; then the daemon stops its containerd.
+        let mut ps = self.cli();
+        ps.args(["ps", "-aq"]);
+        let ids = String::from_utf8_lossy(&run(ps, Duration::from_secs(30)).stdout).into_owned();
+        if !ids.trim().is_empty() {
+            let mut rm = self.cli();
+            rm.args(["rm", "-f"]).args(ids.split_whitespace());
+            let _ = run(rm, Duration::from_secs(60));
+        }
+        if !self.proc.exited() {
+            self.proc.terminate();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !self.proc.exited() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.proc.stop();
+    }
+}

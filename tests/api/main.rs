@@ -1,5 +1,5 @@
 //! Integration tests: real gateway nodes on port 0, real `docker-registry` backends, real
-//! clients (skopeo, podman, ctr). Run through `scripts/test.sh`, which installs the tools.
+//! clients (skopeo, podman, ctr, docker). Run through `scripts/test.sh`, which installs the tools.
 
 mod clients;
 mod helpers;
@@ -12,6 +12,7 @@ mod servers;
 mod admin;
 mod cli;
 mod cluster;
+mod deploy;
 mod errors;
 mod freshness;
 mod listing;

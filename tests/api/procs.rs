@@ -58,13 +58,22 @@ impl Drop for Proc {
 
 /// Panics with a clear message when a tool the test needs is missing.
 pub fn require(tool: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|p| p.join(tool).is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "{tool} is not installed: run the README's test command (scripts/test.sh), which installs it"
-    );
+    which(tool);
+}
+
+/// Where `tool` is on PATH; panics with a clear message when it is missing.
+pub fn which(tool: &str) -> std::path::PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join(tool))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{tool} is not installed: run the README's test command (scripts/test.sh), which installs it"
+            )
+        })
 }
 
 /// A free loopback port (bound and released; the race with other users is accepted).

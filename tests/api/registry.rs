@@ -300,20 +300,7 @@ impl Registry {
 
     /// Pushes every platform of `image` to `repo:tag` with skopeo, keeping digests.
     pub fn push(&self, image: &Image, repo: &str, tag: &str) {
-        require("skopeo");
-        let mut cmd = Command::new("skopeo");
-        cmd.args([
-            "copy",
-            "--all",
-            "--preserve-digests",
-            "--dest-tls-verify=false",
-            "--retry-times",
-            "2",
-        ])
-        .args(self.creds_args())
-        .arg(format!("oci:{}:{}", image.dir.display(), image.tag))
-        .arg(format!("docker://{}/{repo}:{tag}", self.host()));
-        run_ok(cmd, Duration::from_secs(180));
+        skopeo_push(image, &self.host(), repo, tag, &self.creds_args());
     }
 
     /// Pushes an artifact (its blobs, then its manifest by digest) and the referrers tag
@@ -381,6 +368,25 @@ impl Registry {
             .unwrap();
         assert_eq!(put.status(), 201, "referrers tag schema index push");
     }
+}
+
+/// Pushes every platform of `image` to `host/repo:tag` with skopeo (plain HTTP), keeping
+/// digests; `creds` are skopeo's `--dest-creds` arguments or none.
+pub fn skopeo_push(image: &Image, host: &str, repo: &str, tag: &str, creds: &[String]) {
+    require("skopeo");
+    let mut cmd = Command::new("skopeo");
+    cmd.args([
+        "copy",
+        "--all",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        "--retry-times",
+        "2",
+    ])
+    .args(creds)
+    .arg(format!("oci:{}:{}", image.dir.display(), image.tag))
+    .arg(format!("docker://{host}/{repo}:{tag}"));
+    run_ok(cmd, Duration::from_secs(180));
 }
 
 /// nginx serving the registry's storage root: what the redirect middleware points at.
