@@ -348,5 +348,20 @@ impl Drop for Dockerd {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.proc.stop();
+        // dockerd leaves its network namespace file bind-mounted under the exec root: unmount
+        // whatever is still mounted below the directory so that it can be removed.
+        let prefix = format!("{}/", self.dir.path().display());
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mut points: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|p| p.starts_with(&prefix))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for point in points {
+            let mut umount = Command::new("umount");
+            umount.arg(point);
+            let _ = run(umount, Duration::from_secs(30));
+        }
     }
 }
