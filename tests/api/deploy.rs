@@ -149,6 +149,7 @@ async fn the_image_is_pushed_pulled_through_a_node_and_runs_as_a_gateway() {
     .unwrap();
     let mount = format!("{}:/etc/regatta/regatta.toml:ro", config.display());
     let token = format!("REGATTA__ADMIN__TOKEN={ADMIN_TOKEN}");
+    let grace = "REGATTA__SERVER__SHUTDOWN_GRACE=1s";
     let client = awc::Client::builder()
         .timeout(Duration::from_secs(5))
         .finish();
@@ -167,6 +168,8 @@ async fn the_image_is_pushed_pulled_through_a_node_and_runs_as_a_gateway() {
         "backend.regatta.test:127.0.0.1",
         "-e",
         &token,
+        "-e",
+        grace,
         "-v",
         &mount,
         &through,
@@ -233,9 +236,20 @@ async fn the_image_is_pushed_pulled_through_a_node_and_runs_as_a_gateway() {
         "the blobs were streamed from the backend named by host name"
     );
 
-    // `docker stop` sends the image's stop signal, and the node exits cleanly (not killed).
+    // `docker stop` sends the image's stop signal (SIGTERM); the node serves out its grace
+    // period (1s here) and exits cleanly, not killed.
+    let stopping = Instant::now();
     docker.run(&["stop", "--time", "20", "gateway"]);
+    let stopped = stopping.elapsed();
     assert_eq!(inspect(&docker, "{{.State.ExitCode}}", "gateway"), "0");
+    assert!(
+        stopped >= Duration::from_secs(1),
+        "stopped in {stopped:?}: no grace period"
+    );
+    println!(
+        "figure: docker stop with a 1s grace: {} ms",
+        stopped.as_millis()
+    );
 }
 
 #[test]
@@ -279,7 +293,7 @@ fn the_image_builds_with_buildah() {
     let c = &config["config"];
     assert_eq!(c["User"], "65532:65532");
     assert_eq!(c["Entrypoint"], json!(["/usr/local/bin/regatta"]));
-    assert_eq!(c["StopSignal"], "SIGINT");
+    assert_eq!(c["StopSignal"], "SIGTERM");
     assert_eq!(c["Labels"]["org.opencontainers.image.version"], VERSION);
 
     let binary = std::fs::read(env!("CARGO_BIN_EXE_regatta")).unwrap();
@@ -665,7 +679,7 @@ fn the_kubernetes_manifests_validate_and_configure_every_region() {
             container["securityContext"]["allowPrivilegeEscalation"],
             false
         );
-        assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/healthz");
+        assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
         assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
         for kind in ["requests", "limits"] {
             for resource in ["cpu", "memory"] {
