@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::gateway::Gateway;
-use crate::model::{AdminState, Health, OrgPolicy};
+use crate::model::{Health, OrgPolicy};
 use crate::oci::{Digest, RepoName};
-use crate::store::EVENT_RESYNC;
+use crate::store::{AdminChange, EVENT_RESYNC};
 use crate::topology::Org;
 
 pub const OPENAPI: &str = include_str!("../docs/admin-api.openapi.json");
@@ -252,27 +252,23 @@ async fn get_backend(gw: web::Data<Gateway>, id: web::Path<String>) -> HttpRespo
     }
 }
 
-/// Reads the backend's current decision from the store, changes it, writes it back,
-/// announces it, and applies it locally.
+/// Changes the backend's decision in the store in one atomic step (a change made through
+/// another node meanwhile is kept), announces it, and applies the result locally.
 async fn change_backend(
     req: &HttpRequest,
     gw: &Gateway,
     id: &str,
     action: &str,
-    change: impl FnOnce(&mut AdminState),
+    change: AdminChange,
 ) -> HttpResponse {
     let idx = match backend_idx(gw, id) {
         Ok(idx) => idx,
         Err(r) => return *r,
     };
-    let mut state = match gw.store.admin_states().await {
-        Ok(all) => all.get(id).cloned().unwrap_or_default(),
+    let state = match gw.store.update_admin_state(id, change).await {
+        Ok(state) => state,
         Err(e) => return unavailable(e),
     };
-    change(&mut state);
-    if let Err(e) = gw.store.set_admin_state(id, &state).await {
-        return unavailable(e);
-    }
     gw.state
         .apply_admin(idx, gw.topology.backend(idx).weight, &state);
     if let Err(e) = gw.store.publish(EVENT_RESYNC).await {
@@ -283,11 +279,11 @@ async fn change_backend(
 }
 
 async fn drain(req: HttpRequest, gw: web::Data<Gateway>, id: web::Path<String>) -> HttpResponse {
-    change_backend(&req, &gw, &id, "drain", |s| s.drained = true).await
+    change_backend(&req, &gw, &id, "drain", AdminChange::Drained(true)).await
 }
 
 async fn undrain(req: HttpRequest, gw: web::Data<Gateway>, id: web::Path<String>) -> HttpResponse {
-    change_backend(&req, &gw, &id, "undrain", |s| s.drained = false).await
+    change_backend(&req, &gw, &id, "undrain", AdminChange::Drained(false)).await
 }
 
 #[derive(Deserialize)]
@@ -312,7 +308,14 @@ async fn set_weight(
             )
         }
     };
-    change_backend(&req, &gw, &id, "set-weight", |s| s.weight = body.weight).await
+    change_backend(
+        &req,
+        &gw,
+        &id,
+        "set-weight",
+        AdminChange::Weight(body.weight),
+    )
+    .await
 }
 
 fn org_json(name: &str, policy: &OrgPolicy) -> serde_json::Value {

@@ -355,13 +355,7 @@ mod tests {
         epoch_after("a probe applied locally, latency in the same bucket", 0);
 
         store
-            .set_admin_state(
-                "b",
-                &AdminState {
-                    drained: true,
-                    weight: None,
-                },
-            )
+            .update_admin_state("b", crate::store::AdminChange::Drained(true))
             .await
             .unwrap();
         state.reload(&topology, &store).await.unwrap();

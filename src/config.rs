@@ -75,16 +75,83 @@ fn default_shutdown_grace() -> Duration {
 }
 
 /// Which store holds shared state (tag cache, digest holders, detected delivery modes).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum StoreSettings {
     /// In-process store: a single node, nothing shared, nothing kept across restarts.
     #[default]
     Memory,
-    /// Redis shared by every node: `redis://host:port/db` (standalone),
-    /// `redis+sentinel://host:port,host:port/master-name` (Sentinel) or
-    /// `redis+cluster://host:port,host:port` (Cluster); `rediss` variants use TLS.
-    Redis { url: String },
+    /// Redis shared by every node.
+    Redis {
+        /// `redis://[[user]:password@]host:port[/db]` (standalone),
+        /// `redis+sentinel://[[user]:password@]host:port,host:port/master[/db]` (Sentinel;
+        /// the password is the master's) or `redis+cluster://[[user]:password@]host:port,...`
+        /// (Cluster, Redis 7+). `rediss`, `rediss+sentinel`, `rediss+cluster`: the same over
+        /// TLS. A password with reserved characters is percent-encoded.
+        url: String,
+        /// PEM file of the certificate authorities trusted for Redis TLS instead of the
+        /// public (webpki) roots.
+        #[serde(default)]
+        tls_ca: Option<String>,
+        /// The password the Sentinels themselves require, when they do.
+        #[serde(default)]
+        sentinel_password: Option<String>,
+    },
+}
+
+impl fmt::Debug for StoreSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreSettings::Memory => f.write_str("Memory"),
+            StoreSettings::Redis {
+                url,
+                tls_ca,
+                sentinel_password,
+            } => f
+                .debug_struct("Redis")
+                .field("url", &crate::store::redact(url))
+                .field("tls_ca", tls_ca)
+                .field(
+                    "sentinel_password",
+                    &sentinel_password.as_ref().map(|_| "***"),
+                )
+                .finish(),
+        }
+    }
+}
+
+impl StoreSettings {
+    /// The Redis these settings name (`None` for the memory store), with the CA bundle
+    /// read; on error, the key at fault and why.
+    pub fn redis_target(&self) -> Result<Option<crate::store::RedisTarget>, Problem> {
+        let StoreSettings::Redis {
+            url,
+            tls_ca,
+            sentinel_password,
+        } = self
+        else {
+            return Ok(None);
+        };
+        let problem = |key: &str, reason: String| Problem {
+            key: key.into(),
+            reason,
+        };
+        let mut target =
+            crate::store::RedisTarget::parse(url).map_err(|e| problem("store.url", e))?;
+        if let Some(path) = tls_ca {
+            let pem = std::fs::read(path)
+                .map_err(|e| problem("store.tls_ca", format!("cannot read '{path}': {e}")))?;
+            target = target
+                .with_tls_ca(pem)
+                .map_err(|e| problem("store.tls_ca", format!("'{path}' {e}")))?;
+        }
+        if let Some(password) = sentinel_password {
+            target = target
+                .with_sentinel_password(password.clone())
+                .map_err(|e| problem("store.sentinel_password", e))?;
+        }
+        Ok(Some(target))
+    }
 }
 
 /// OpenTelemetry traces. Off unless `otlp_endpoint` is set.
@@ -483,10 +550,8 @@ impl Settings {
         if self.server.workers == Some(0) {
             problem("server.workers".into(), "must be at least 1".into());
         }
-        if let StoreSettings::Redis { url } = &self.store {
-            if let Err(reason) = crate::store::RedisTarget::parse(url) {
-                problem("store.url".into(), reason);
-            }
+        if let Err(p) = self.store.redis_target() {
+            problem(p.key, p.reason);
         }
         if let Some(listen) = &self.admin.listen {
             if listen.parse::<SocketAddr>().is_err() {

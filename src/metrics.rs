@@ -30,6 +30,9 @@ pub struct Metrics {
     pub store_errors: IntCounter,
     /// Learned facts not written to the store because its write queue was full.
     pub store_writes_dropped: IntCounter,
+    /// Records read from the shared store and skipped as invalid, by kind (admin, health,
+    /// policy, tag, holder).
+    pub store_invalid_records: IntCounterVec,
     pub snapshot_age_seconds: Gauge,
     pub proxied_bytes: IntCounterVec,
     /// Resolved once for the warm path.
@@ -160,6 +163,13 @@ impl Metrics {
                 "regatta_store_writes_dropped_total",
                 "Learned facts (holders, tags) not shared through the store because its write queue was full"
             )),
+            store_invalid_records: register!(IntCounterVec::new(
+                Opts::new(
+                    "regatta_store_invalid_records_total",
+                    "Records read from the shared store and skipped as malformed or implausible, by kind"
+                ),
+                &["kind"]
+            )),
             snapshot_age_seconds: register!(Gauge::new(
                 "regatta_snapshot_age_seconds",
                 "Time since this node last reloaded the cluster snapshot from the store"
@@ -170,6 +180,11 @@ impl Metrics {
             )),
             registry,
         };
+        for kind in crate::store::RecordKind::ALL {
+            metrics
+                .store_invalid_records
+                .with_label_values(&[kind.as_str()]);
+        }
         #[cfg(target_os = "linux")]
         {
             let process = prometheus::process_collector::ProcessCollector::for_self();

@@ -12,9 +12,9 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 
 use crate::admin::{self, AdminToken};
 use crate::api_error::{ApiError, API_VERSION};
-use crate::config::{HealthSettings, Settings, StoreSettings, UpstreamSettings};
+use crate::config::{HealthSettings, Settings, UpstreamSettings};
 use crate::gateway::{self, Gateway};
-use crate::store::{MemoryStore, RedisStore, RedisTarget, Store};
+use crate::store::{Limits, MemoryStore, RecordCheck, RedisStore, Store};
 use crate::upstream::Upstream;
 use crate::{cluster, health, route};
 
@@ -40,10 +40,13 @@ impl Application {
         // Several crates link rustls; choose its crypto once per process (a second call
         // finds it chosen and changes nothing).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let store: Arc<dyn Store> = match &settings.store {
-            StoreSettings::Memory => Arc::new(MemoryStore::new()),
-            StoreSettings::Redis { url } => Arc::new(RedisStore::new(
-                RedisTarget::parse(url).map_err(|e| anyhow::anyhow!("store.url: {e}"))?,
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let store: Arc<dyn Store> = match settings.store.redis_target() {
+            Err(problem) => anyhow::bail!("{problem}"),
+            Ok(None) => Arc::new(MemoryStore::new()),
+            Ok(Some(target)) => Arc::new(RedisStore::new(
+                target,
+                RecordCheck::new(record_limits(&settings), &metrics.store_invalid_records),
             )),
         };
         let listener = TcpListener::bind(settings.listen_addr())
@@ -54,7 +57,6 @@ impl Application {
             .node_id
             .clone()
             .unwrap_or_else(|| format!("{}:{}", hostname(), addr.port()));
-        let metrics = Arc::new(crate::metrics::Metrics::new());
         let gateway = web::Data::new(Gateway::new(&settings, node_id.clone(), store, metrics));
         let upstream_settings = settings.upstream.clone();
         let auth = gateway.auth.clone();
@@ -195,6 +197,17 @@ impl Application {
         };
         background.stop();
         result
+    }
+}
+
+/// What a record read from the shared store may hold, from this node's configuration.
+fn record_limits(settings: &Settings) -> Limits {
+    Limits {
+        backends: settings.backends.iter().map(|b| b.id.clone()).collect(),
+        holder_ttl: settings.cache.holder_ttl,
+        lacks_ttl: settings.cache.lacks_ttl,
+        // The prober keeps a record for three intervals; nodes may run other intervals.
+        health_ttl: (settings.health.interval * 30).max(std::time::Duration::from_secs(60)),
     }
 }
 

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use moka::sync::Cache;
 use tokio::sync::broadcast;
 
-use super::{invalidate_where, Store, StoreError};
+use super::{invalidate_where, AdminChange, Store, StoreError};
 use crate::model::{AdminState, HealthRecord, Holding, OrgPolicy, TagRecord};
 use crate::oci::{Digest, RepoName, Tag};
 
@@ -139,11 +139,15 @@ impl Store for MemoryStore {
         Ok(self.shared().admin.clone())
     }
 
-    async fn set_admin_state(&self, backend: &str, state: &AdminState) -> Result<(), StoreError> {
-        self.shared()
-            .admin
-            .insert(backend.to_owned(), state.clone());
-        Ok(())
+    async fn update_admin_state(
+        &self,
+        backend: &str,
+        change: AdminChange,
+    ) -> Result<AdminState, StoreError> {
+        let mut shared = self.shared();
+        let state = shared.admin.entry(backend.to_owned()).or_default();
+        change.apply(state);
+        Ok(state.clone())
     }
 
     async fn health(&self) -> Result<HashMap<String, HealthRecord>, StoreError> {

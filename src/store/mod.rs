@@ -7,8 +7,10 @@
 //! health and policy only from the snapshot, and asks the store for holders only when the
 //! node knows of none.
 
+mod checked;
 mod memory;
 mod redis;
+mod redis_target;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -16,14 +18,33 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
+pub use self::checked::{is_media_type, Kind as RecordKind, Limits, RecordCheck, MAX_CLOCK_SKEW};
 pub use self::memory::MemoryStore;
-pub use self::redis::{RedisStore, RedisTarget};
+pub use self::redis::RedisStore;
+pub use self::redis_target::{redact, RedisTarget};
 
 use crate::model::{AdminState, HealthRecord, Holding, OrgPolicy, TagRecord};
 use crate::oci::{Digest, RepoName, Tag};
 
 /// Published when shared state changes, so every node reloads its snapshot at once.
 pub const EVENT_RESYNC: &str = "resync";
+
+/// One operator change to a backend's [`AdminState`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminChange {
+    Drained(bool),
+    /// `None` returns to the configured weight.
+    Weight(Option<u32>),
+}
+
+impl AdminChange {
+    pub fn apply(self, state: &mut AdminState) {
+        match self {
+            AdminChange::Drained(drained) => state.drained = drained,
+            AdminChange::Weight(weight) => state.weight = weight,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -88,7 +109,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<u64, StoreError>;
 
     async fn admin_states(&self) -> Result<HashMap<String, AdminState>, StoreError>;
-    async fn set_admin_state(&self, backend: &str, state: &AdminState) -> Result<(), StoreError>;
+    /// Changes one field of a backend's admin state in one atomic step (concurrent changes
+    /// through other nodes, to this backend or another, are kept) and returns the result.
+    async fn update_admin_state(
+        &self,
+        backend: &str,
+        change: AdminChange,
+    ) -> Result<AdminState, StoreError>;
 
     async fn health(&self) -> Result<HashMap<String, HealthRecord>, StoreError>;
     async fn set_health(

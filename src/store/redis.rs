@@ -1,31 +1,48 @@
-//! The cluster store: Redis, standalone, Sentinel or Cluster.
+//! The cluster store: Redis, standalone, Sentinel or Cluster, with TLS and passwords as
+//! `store.url` says (`redis_target.rs`).
 //!
-//! Key schema (every key is one slot, so Cluster needs no cross-slot commands):
-//! - `regatta:holders:{<digest>}` HASH, field `<repo>|<backend>` = `has:<expires_ms>` or
-//!   `lacks:<expires_ms>`; the key expires with the longest holder TTL.
+//! Key schema (every command and every script touches one key, so Cluster needs no
+//! cross-slot command):
+//! - `regatta:holdings:{<digest>}` ZSET of facts about one digest: member
+//!   `<repo>|<backend>|has` or `<repo>|<backend>|lacks`, score = when the fact expires (Unix
+//!   ms). Each write is one script: it drops the opposite fact, adds this one, trims facts
+//!   that have expired or expire later than any fact could, keeps at most
+//!   [`MAX_FACTS_PER_DIGEST`] (those expiring soonest go first) and sets the key to expire
+//!   with its last fact. So facts expire one by one and no key grows without bound.
 //! - `regatta:tags:{<repo>}` HASH, field `<tag>` = JSON `TagRecord`; the key expires with
-//!   the stale-tag TTL, refreshed on write.
-//! - `regatta:admin` HASH, field `<backend>` = JSON `AdminState` (operator decisions, no TTL).
+//!   the stale-tag TTL, refreshed on write (only tags an authority resolved are written).
+//! - `regatta:admin` HASH, field `<backend>` = JSON `AdminState` (operator decisions, no
+//!   TTL). A change is one script that reads, changes and writes the field, so concurrent
+//!   changes through different nodes are all kept.
 //! - `regatta:health` HASH, field `<backend>` = JSON `{record, expires_ms}`.
-//! - `regatta:policies` HASH, field `<org>` = JSON `OrgPolicy`; `regatta:policies:seeded`
-//!   marks that the configuration seeded it once.
+//! - `regatta:policies` HASH, field `<org>` = JSON `OrgPolicy`; field `@seeded` marks that
+//!   the configuration seeded it once (written by the same script as the seeds, after
+//!   them, so a seeding that fails halfway is retried).
 //! - `regatta:lease:<name>` STRING = holder node, `PX` = lease length.
 //! - channel `regatta:events`: change notices; any message makes nodes reload their snapshot.
+//!   Standalone and Sentinel: PUBLISH/SUBSCRIBE. Cluster: sharded SPUBLISH/SSUBSCRIBE
+//!   (Redis 7), on whichever shard owns the channel, followed when the slot moves.
+//!
+//! Every record read goes through [`RecordCheck`]: a malformed or implausible one is
+//! skipped and counted, never an error for the whole read.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, LazyLock, Once};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, FromRedisValue};
-use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, oneshot, OnceCell};
+use redis::{Cmd, FromRedisValue, PushKind, Script};
+use serde::Serialize;
+use tokio::sync::{broadcast, oneshot};
 
-use super::{corrupt, Store, StoreError, EVENT_RESYNC};
+use super::checked::{Expiring, Kind, RecordCheck};
+use super::redis_target::{RedisTarget, Shape};
+use super::{corrupt, AdminChange, Store, StoreError, EVENT_RESYNC};
 use crate::model::{unix_ms, AdminState, HealthRecord, Holding, OrgPolicy, TagRecord};
 use crate::oci::{Digest, RepoName, Tag};
 
@@ -33,63 +50,104 @@ const CHANNEL: &str = "regatta:events";
 const ADMIN: &str = "regatta:admin";
 const HEALTH: &str = "regatta:health";
 const POLICIES: &str = "regatta:policies";
-const SEEDED: &str = "regatta:policies:seeded";
+/// The field of `regatta:policies` that marks it seeded (no org name starts with `@`).
+const SEEDED_FIELD: &str = "@seeded";
+/// Where versions before the `@seeded` field marked seeding.
+const LEGACY_SEEDED: &str = "regatta:policies:seeded";
+/// The most facts one digest keeps; past it, those expiring soonest are dropped.
+pub const MAX_FACTS_PER_DIGEST: usize = 10_000;
 /// Redis calls give up quickly: a node must never stall on its store.
 const RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Where Redis is, parsed from `store.url`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RedisTarget {
-    Standalone(String),
-    Sentinel { nodes: Vec<String>, master: String },
-    Cluster { nodes: Vec<String> },
-}
+/// KEYS[1] the digest's facts; ARGV: member to set, member to clear, its expiry, now, the
+/// latest expiry a fact may have, the most facts kept (all times Unix ms).
+static RECORD_HOLDING: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local key = KEYS[1]
+local t = redis.call('TYPE', key)['ok']
+if t ~= 'zset' and t ~= 'none' then redis.call('DEL', key) end
+redis.call('ZREM', key, ARGV[2])
+redis.call('ZADD', key, ARGV[3], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[4])
+redis.call('ZREMRANGEBYSCORE', key, '(' .. ARGV[5], '+inf')
+local extra = redis.call('ZCARD', key) - tonumber(ARGV[6])
+if extra > 0 then redis.call('ZREMRANGEBYRANK', key, 0, extra - 1) end
+local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+if last[2] then
+  redis.call('PEXPIREAT', key, string.format('%.0f', math.floor(tonumber(last[2]))))
+end
+return redis.call('ZCARD', key)
+",
+    )
+});
 
-impl RedisTarget {
-    pub fn parse(url: &str) -> Result<RedisTarget, String> {
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| format!("'{url}' is not a redis:// URL"))?;
-        let hosts = |list: &str| -> Result<Vec<String>, String> {
-            let nodes: Vec<String> = list
-                .split(',')
-                .filter(|h| !h.is_empty())
-                .map(|h| format!("redis://{h}"))
-                .collect();
-            if nodes.is_empty() {
-                return Err(format!("'{url}' names no host"));
-            }
-            Ok(nodes)
-        };
-        match scheme {
-            "redis" => {
-                redis::Client::open(url).map_err(|e| format!("'{url}': {e}"))?;
-                Ok(RedisTarget::Standalone(url.to_owned()))
-            }
-            "redis+sentinel" => {
-                let (list, master) = rest
-                    .split_once('/')
-                    .filter(|(_, m)| !m.is_empty())
-                    .ok_or_else(|| {
-                        format!(
-                            "'{url}' needs the master name: redis+sentinel://host:port,.../master"
-                        )
-                    })?;
-                Ok(RedisTarget::Sentinel {
-                    nodes: hosts(list)?,
-                    master: master.to_owned(),
-                })
-            }
-            "redis+cluster" => Ok(RedisTarget::Cluster {
-                nodes: hosts(rest.trim_end_matches('/'))?,
-            }),
-            other => Err(format!(
-                "scheme '{other}' is not redis, redis+sentinel or redis+cluster"
-            )),
-        }
-    }
-}
+/// KEYS[1] `regatta:admin`; ARGV: backend, `drained` or `weight`, the new value (`1`/`0`,
+/// a weight, or empty for the configured weight). Returns the new state as JSON. A field
+/// that is not a valid state is replaced, as is a key that is not a hash.
+static UPDATE_ADMIN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local key = KEYS[1]
+local t = redis.call('TYPE', key)['ok']
+if t ~= 'hash' and t ~= 'none' then redis.call('DEL', key) end
+local state = {drained = false}
+local raw = redis.call('HGET', key, ARGV[1])
+if raw then
+  local ok, cur = pcall(cjson.decode, raw)
+  if ok and type(cur) == 'table' then
+    if type(cur.drained) == 'boolean' then state.drained = cur.drained end
+    local w = cur.weight
+    if type(w) == 'number' and w >= 0 and w <= 4294967295 and w % 1 == 0 then
+      state.weight = w
+    end
+  end
+end
+if ARGV[2] == 'drained' then
+  state.drained = (ARGV[3] == '1')
+elseif ARGV[3] == '' then
+  state.weight = nil
+else
+  state.weight = tonumber(ARGV[3])
+end
+local out = cjson.encode(state)
+redis.call('HSET', key, ARGV[1], out)
+return out
+",
+    )
+});
+
+/// KEYS[1] `regatta:policies`; ARGV: org, policy JSON, org, policy JSON, ... Writes each
+/// org that is not there yet, then the marker, unless the marker is there already.
+static SEED_POLICIES: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local key = KEYS[1]
+local t = redis.call('TYPE', key)['ok']
+if t ~= 'hash' and t ~= 'none' then redis.call('DEL', key) end
+if redis.call('HEXISTS', key, '@seeded') == 1 then return 0 end
+for i = 1, #ARGV, 2 do redis.call('HSETNX', key, ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', key, '@seeded', '1')
+return 1
+",
+    )
+});
+
+/// KEYS[1] any key; deletes it and returns how many facts it held.
+static PURGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local key = KEYS[1]
+local t = redis.call('TYPE', key)['ok']
+local n = 0
+if t == 'zset' then n = redis.call('ZCARD', key)
+elseif t == 'hash' then n = redis.call('HLEN', key) end
+redis.call('DEL', key)
+return n
+",
+    )
+});
 
 #[derive(Clone)]
 enum Conn {
@@ -101,6 +159,7 @@ enum Conn {
 /// never depends on a busy or blocked HTTP worker; calls hop there and back.
 pub struct RedisStore {
     shared: Arc<Shared>,
+    check: RecordCheck,
     runtime: tokio::runtime::Handle,
     shutdown: Option<oneshot::Sender<()>>,
     subscriber: Once,
@@ -108,7 +167,8 @@ pub struct RedisStore {
 
 struct Shared {
     target: RedisTarget,
-    conn: OnceCell<Conn>,
+    conn: ArcSwapOption<Conn>,
+    connecting: tokio::sync::Mutex<()>,
     events: broadcast::Sender<String>,
     errors: AtomicU64,
 }
@@ -116,16 +176,15 @@ struct Shared {
 enum Request {
     Cmd(Cmd),
     Pipe(redis::Pipeline),
-}
-
-#[derive(Serialize, Deserialize)]
-struct Expiring<T> {
-    record: T,
-    expires_ms: u64,
+    Script {
+        script: &'static Script,
+        key: String,
+        args: Vec<Vec<u8>>,
+    },
 }
 
 impl RedisStore {
-    pub fn new(target: RedisTarget) -> RedisStore {
+    pub fn new(target: RedisTarget, check: RecordCheck) -> RedisStore {
         let (shutdown, stopped) = oneshot::channel::<()>();
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -145,33 +204,45 @@ impl RedisStore {
         RedisStore {
             shared: Arc::new(Shared {
                 target,
-                conn: OnceCell::new(),
+                conn: ArcSwapOption::empty(),
+                connecting: tokio::sync::Mutex::new(()),
                 events: broadcast::channel(256).0,
                 errors: AtomicU64::new(0),
             }),
+            check,
             runtime,
             shutdown: Some(shutdown),
             subscriber: Once::new(),
         }
     }
 
-    async fn exec(&self, request: Request) -> Result<redis::Value, StoreError> {
+    fn cluster(&self) -> bool {
+        self.shared.target.shape == Shape::Cluster
+    }
+
+    /// Runs `request` on the store's runtime, returning Redis's own error.
+    async fn exec_raw(&self, request: Request) -> redis::RedisResult<redis::Value> {
         let shared = self.shared.clone();
         let call = self
             .runtime
             .spawn(async move { shared.exec(request).await });
         let joined = tracing::Instrument::instrument(call, tracing::info_span!("redis")).await;
-        let result = joined.unwrap_or_else(|e| {
+        joined.unwrap_or_else(|e| {
             Err(redis::RedisError::from((
                 redis::ErrorKind::Io,
                 "redis task failed",
                 e.to_string(),
             )))
-        });
-        result.map_err(|e| {
-            self.shared.errors.fetch_add(1, Ordering::Relaxed);
-            StoreError::Unavailable(e.to_string())
         })
+    }
+
+    fn failed(&self, e: redis::RedisError) -> StoreError {
+        self.shared.errors.fetch_add(1, Ordering::Relaxed);
+        StoreError::Unavailable(e.to_string())
+    }
+
+    async fn exec(&self, request: Request) -> Result<redis::Value, StoreError> {
+        self.exec_raw(request).await.map_err(|e| self.failed(e))
     }
 
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
@@ -179,18 +250,54 @@ impl RedisStore {
         T::from_redis_value(value).map_err(|e| corrupt("reply", e))
     }
 
-    async fn hash_json<T: for<'de> Deserialize<'de>>(
+    async fn script<T: FromRedisValue>(
+        &self,
+        script: &'static Script,
+        key: &str,
+        args: Vec<Vec<u8>>,
+    ) -> Result<T, StoreError> {
+        let value = self
+            .exec(Request::Script {
+                script,
+                key: key.to_owned(),
+                args,
+            })
+            .await?;
+        T::from_redis_value(value).map_err(|e| corrupt(key, e))
+    }
+
+    /// Every field of the hash `key` whose name is text. A key of another type is one
+    /// invalid record of `kind` and reads as empty.
+    async fn hash_fields(
         &self,
         key: &str,
-    ) -> Result<HashMap<String, T>, StoreError> {
-        let raw: HashMap<String, String> = self.query(redis::cmd("HGETALL").arg(key)).await?;
-        raw.into_iter()
-            .map(|(field, json)| {
-                serde_json::from_str(&json)
-                    .map(|v| (field.clone(), v))
-                    .map_err(|e| corrupt(format!("{key}/{field}"), e))
+        kind: Kind,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let reply = self
+            .exec_raw(Request::Cmd(redis::cmd("HGETALL").arg(key).clone()))
+            .await;
+        let value = match reply {
+            Ok(v) => v,
+            Err(e) if e.code() == Some("WRONGTYPE") => {
+                self.check.reject(kind, key, b"", "the key is not a hash");
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(self.failed(e)),
+        };
+        let raw: HashMap<Vec<u8>, Vec<u8>> =
+            FromRedisValue::from_redis_value(value).map_err(|e| corrupt(key, e))?;
+        Ok(raw
+            .into_iter()
+            .filter_map(|(field, value)| match String::from_utf8(field) {
+                Ok(field) => Some((field, value)),
+                Err(e) => {
+                    let at = format!("{key}/{}", String::from_utf8_lossy(e.as_bytes()));
+                    self.check
+                        .reject(kind, &at, &value, "the field name is not text");
+                    None
+                }
             })
-            .collect()
+            .collect())
     }
 
     async fn hset_json<T: Serialize>(
@@ -204,17 +311,25 @@ impl RedisStore {
             .await
     }
 
-    /// Relays `regatta:events` into the local channel, reconnecting with backoff; each
+    /// Relays change events into the local channel, reconnecting with backoff; each
     /// (re)subscription is followed by a resync, so nothing missed while away stays missed.
     fn start_subscriber(&self) {
         let shared = self.shared.clone();
         self.runtime.spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
-                match subscribe_once(&shared.target, &shared.events).await {
+                let started = std::time::Instant::now();
+                let outcome = match shared.target.shape {
+                    Shape::Cluster => subscribe_sharded(&shared.target, &shared.events).await,
+                    _ => subscribe_once(&shared.target, &shared.events).await,
+                };
+                match outcome {
                     Ok(()) => {
                         tracing::warn!("redis event subscription ended; reconnecting");
-                        backoff = Duration::from_millis(100);
+                        // A subscription that keeps ending at once backs off like a failure.
+                        if started.elapsed() > Duration::from_secs(10) {
+                            backoff = Duration::from_millis(100);
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "redis event subscription failed");
@@ -237,21 +352,26 @@ impl Drop for RedisStore {
 
 impl Shared {
     async fn connect(target: &RedisTarget) -> redis::RedisResult<Conn> {
-        match target {
-            RedisTarget::Standalone(url) => {
-                let client = redis::Client::open(url.as_str())?;
+        match target.shape {
+            Shape::Standalone { .. } => Ok(Conn::Single(
+                target
+                    .client()?
+                    .get_connection_manager_lazy(manager_config())?,
+            )),
+            Shape::Sentinel { .. } => {
+                let client = tokio::time::timeout(
+                    CONNECT_TIMEOUT * 3,
+                    target.sentinel()?.async_get_client(),
+                )
+                .await
+                .map_err(|_| timed_out("asking the sentinels for the master"))??;
                 Ok(Conn::Single(
                     client.get_connection_manager_lazy(manager_config())?,
                 ))
             }
-            RedisTarget::Sentinel { .. } => {
-                let client = master_client(target).await?;
-                Ok(Conn::Single(
-                    client.get_connection_manager_lazy(manager_config())?,
-                ))
-            }
-            RedisTarget::Cluster { nodes } => {
-                let client = redis::cluster::ClusterClient::builder(nodes.clone())
+            Shape::Cluster => {
+                let client = target
+                    .cluster()?
                     .connection_timeout(CONNECT_TIMEOUT)
                     .response_timeout(RESPONSE_TIMEOUT)
                     .retries(1)
@@ -261,33 +381,68 @@ impl Shared {
         }
     }
 
+    async fn conn(&self) -> redis::RedisResult<Conn> {
+        if let Some(conn) = self.conn.load_full() {
+            return Ok((*conn).clone());
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(conn) = self.conn.load_full() {
+            return Ok((*conn).clone());
+        }
+        let conn = Self::connect(&self.target).await?;
+        self.conn.store(Some(Arc::new(conn.clone())));
+        Ok(conn)
+    }
+
     async fn exec(&self, request: Request) -> redis::RedisResult<redis::Value> {
-        let conn = self
-            .conn
-            .get_or_try_init(|| Self::connect(&self.target))
-            .await?;
-        match (conn.clone(), request) {
+        let conn = self.conn().await?;
+        let result = match (conn, request) {
             (Conn::Single(mut c), Request::Cmd(cmd)) => cmd.query_async(&mut c).await,
             (Conn::Single(mut c), Request::Pipe(p)) => p.query_async(&mut c).await,
             (Conn::Cluster(mut c), Request::Cmd(cmd)) => cmd.query_async(&mut c).await,
             (Conn::Cluster(mut c), Request::Pipe(p)) => p.query_async(&mut c).await,
+            (conn, Request::Script { script, key, args }) => {
+                let mut call = script.key(key);
+                for arg in args {
+                    call.arg(arg);
+                }
+                match conn {
+                    Conn::Single(mut c) => call.invoke_async(&mut c).await,
+                    Conn::Cluster(mut c) => call.invoke_async(&mut c).await,
+                }
+            }
+        };
+        // Behind Sentinel the master moves: a lost connection or a write refused by what
+        // is now a replica sends the next call back to the Sentinels.
+        if let (Shape::Sentinel { .. }, Err(e)) = (&self.target.shape, &result) {
+            if e.is_io_error() || e.is_connection_dropped() || e.code() == Some("READONLY") {
+                self.conn.store(None);
+            }
         }
+        result
     }
 }
 
+fn timed_out(what: &'static str) -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Io, "timed out", what.to_owned()))
+}
+
+/// Standalone and Sentinel: SUBSCRIBE on the (current) master.
 async fn subscribe_once(
     target: &RedisTarget,
     events: &broadcast::Sender<String>,
 ) -> redis::RedisResult<()> {
-    let client = match target {
-        RedisTarget::Standalone(url) => redis::Client::open(url.as_str())?,
-        RedisTarget::Sentinel { .. } => master_client(target).await?,
-        // Cluster PUBLISH reaches subscribers on every node; any node will do.
-        RedisTarget::Cluster { nodes } => redis::Client::open(nodes[0].as_str())?,
+    let client = match target.shape {
+        Shape::Sentinel { .. } => {
+            tokio::time::timeout(CONNECT_TIMEOUT * 3, target.sentinel()?.async_get_client())
+                .await
+                .map_err(|_| timed_out("asking the sentinels for the master"))??
+        }
+        _ => target.client()?,
     };
     let mut pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
         .await
-        .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connect timed out")))??;
+        .map_err(|_| timed_out("connecting for events"))??;
     pubsub.subscribe(CHANNEL).await?;
     tracing::info!("subscribed to redis events");
     let _ = events.send(EVENT_RESYNC.to_owned());
@@ -300,17 +455,50 @@ async fn subscribe_once(
     Ok(())
 }
 
-async fn master_client(target: &RedisTarget) -> redis::RedisResult<redis::Client> {
-    let RedisTarget::Sentinel { nodes, master } = target else {
-        unreachable!("only called for Sentinel targets")
-    };
-    let mut sentinel = redis::sentinel::SentinelClient::build(
-        nodes.clone(),
-        master.clone(),
-        None,
-        redis::sentinel::SentinelServerType::Master,
-    )?;
-    sentinel.async_get_client().await
+/// Cluster: SSUBSCRIBE through a cluster connection of its own (RESP3), which finds the
+/// shard that owns the channel from any listed node and follows the slot when it moves.
+/// Every (re)subscription confirmed is followed by a resync.
+async fn subscribe_sharded(
+    target: &RedisTarget,
+    events: &broadcast::Sender<String>,
+) -> redis::RedisResult<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = target
+        .cluster()?
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .push_sender(tx)
+        .connection_timeout(CONNECT_TIMEOUT)
+        .response_timeout(RESPONSE_TIMEOUT)
+        .build()?;
+    let mut conn = tokio::time::timeout(CONNECT_TIMEOUT * 3, client.get_async_connection())
+        .await
+        .map_err(|_| timed_out("connecting to the cluster for events"))??;
+    tokio::time::timeout(CONNECT_TIMEOUT * 3, conn.ssubscribe(CHANNEL))
+        .await
+        .map_err(|_| timed_out("subscribing to events"))??;
+    tracing::info!("subscribed to redis events (sharded)");
+    while let Some(push) = rx.recv().await {
+        match push.kind {
+            PushKind::SSubscribe => {
+                let _ = events.send(EVENT_RESYNC.to_owned());
+            }
+            PushKind::SMessage => {
+                if let Some(payload) = push
+                    .data
+                    .get(1)
+                    .and_then(|v| String::from_redis_value(v.clone()).ok())
+                {
+                    let _ = events.send(payload);
+                }
+            }
+            // The server drops a sharded subscription when its slot moves, and a node may
+            // go for good (a failover): start over from a fresh view of the cluster.
+            PushKind::SUnsubscribe | PushKind::Disconnection => break,
+            _ => {}
+        }
+    }
+    drop(conn);
+    Ok(())
 }
 
 fn manager_config() -> ConnectionManagerConfig {
@@ -321,12 +509,20 @@ fn manager_config() -> ConnectionManagerConfig {
         .set_max_delay(Duration::from_secs(2))
 }
 
-fn holders_key(digest: &Digest) -> String {
-    format!("regatta:holders:{{{digest}}}")
+fn holdings_key(digest: &Digest) -> String {
+    format!("regatta:holdings:{{{digest}}}")
 }
 
 fn tags_key(repo: &RepoName) -> String {
     format!("regatta:tags:{{{repo}}}")
+}
+
+fn fact(repo: &RepoName, backend: &str, holding: Holding) -> String {
+    let what = match holding {
+        Holding::Has => "has",
+        _ => "lacks",
+    };
+    format!("{repo}|{backend}|{what}")
 }
 
 fn now_ms() -> u64 {
@@ -349,27 +545,55 @@ impl Store for RedisStore {
         digest: &Digest,
         backends: &[&str],
     ) -> Result<Vec<Holding>, StoreError> {
-        let mut cmd = redis::cmd("HMGET");
-        cmd.arg(holders_key(digest));
-        for b in backends {
-            cmd.arg(format!("{repo}|{b}"));
+        if backends.is_empty() {
+            return Ok(Vec::new());
         }
-        let values: Vec<Option<String>> = self.query(&cmd).await?;
+        let key = holdings_key(digest);
+        let mut cmd = redis::cmd("ZMSCORE");
+        cmd.arg(&key);
+        for b in backends {
+            cmd.arg(fact(repo, b, Holding::Has))
+                .arg(fact(repo, b, Holding::Lacks));
+        }
+        let scores: Vec<Option<f64>> = match self.exec_raw(Request::Cmd(cmd)).await {
+            Ok(v) => FromRedisValue::from_redis_value(v).map_err(|e| corrupt(&key, e))?,
+            Err(e) if e.code() == Some("WRONGTYPE") => {
+                self.check
+                    .reject(Kind::Holder, &key, b"", "the key is not a sorted set");
+                vec![None; backends.len() * 2]
+            }
+            Err(e) => return Err(self.failed(e)),
+        };
         let now = now_ms();
-        Ok(values
-            .into_iter()
-            .map(|v| {
-                let parsed =
-                    v.as_deref()
-                        .and_then(|v| v.split_once(':'))
-                        .and_then(|(what, until)| {
-                            let until: u64 = until.parse().ok()?;
-                            (until > now).then_some(what)
-                        });
-                match parsed {
-                    Some("has") => Holding::Has,
-                    Some("lacks") => Holding::Lacks,
-                    _ => Holding::Unknown,
+        Ok(backends
+            .iter()
+            .zip(scores.chunks(2))
+            .map(|(b, pair)| {
+                let fresh = |score: Option<f64>, holding: Holding| {
+                    score.is_some_and(|s| {
+                        let member = fact(repo, b, holding);
+                        self.check
+                            .holder_until(&key, &member, holding == Holding::Lacks, s, now)
+                            == Some(true)
+                    })
+                };
+                let has = fresh(pair.first().copied().flatten(), Holding::Has);
+                let lacks = fresh(pair.get(1).copied().flatten(), Holding::Lacks);
+                match (has, lacks) {
+                    (true, false) => Holding::Has,
+                    (false, true) => Holding::Lacks,
+                    (true, true) => {
+                        // One write replaces the other: both at once is not our writing.
+                        let member = format!("{repo}|{b}");
+                        self.check.reject(
+                            Kind::Holder,
+                            &format!("{key}/{member}"),
+                            b"has+lacks",
+                            "holds and lacks at once",
+                        );
+                        Holding::Unknown
+                    }
+                    (false, false) => Holding::Unknown,
                 }
             })
             .collect())
@@ -383,40 +607,44 @@ impl Store for RedisStore {
         holding: Holding,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let what = match holding {
-            Holding::Has => "has",
-            Holding::Lacks => "lacks",
+        let clear = match holding {
+            Holding::Has => Holding::Lacks,
+            Holding::Lacks => Holding::Has,
             Holding::Unknown => return Ok(()),
         };
-        let key = holders_key(digest);
-        let value = format!("{what}:{}", now_ms() + ttl.as_millis() as u64);
-        let mut pipe = redis::pipe();
-        pipe.cmd("HSET")
-            .arg(&key)
-            .arg(format!("{repo}|{backend}"))
-            .arg(value)
-            .ignore();
-        // The key lives as long as its longest-lived field could.
-        pipe.cmd("EXPIRE")
-            .arg(&key)
-            .arg(ttl.as_secs().max(1))
-            .arg("GT")
-            .ignore();
-        pipe.cmd("EXPIRE")
-            .arg(&key)
-            .arg(ttl.as_secs().max(1))
-            .arg("NX")
-            .ignore();
-        self.exec(Request::Pipe(pipe)).await.map(|_| ())
+        let now = now_ms();
+        let until = now.saturating_add(ttl.as_millis().max(1) as u64);
+        let latest = now.saturating_add(self.check.longest_holder_fact().as_millis() as u64);
+        let args = vec![
+            fact(repo, backend, holding).into_bytes(),
+            fact(repo, backend, clear).into_bytes(),
+            until.to_string().into_bytes(),
+            now.to_string().into_bytes(),
+            latest.to_string().into_bytes(),
+            MAX_FACTS_PER_DIGEST.to_string().into_bytes(),
+        ];
+        self.script::<u64>(&RECORD_HOLDING, &holdings_key(digest), args)
+            .await
+            .map(|_| ())
     }
 
     async fn tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<TagRecord>, StoreError> {
         let key = tags_key(repo);
-        let raw: Option<String> = self
-            .query(redis::cmd("HGET").arg(&key).arg(tag.as_str()))
-            .await?;
-        raw.map(|json| serde_json::from_str(&json).map_err(|e| corrupt(format!("{key}/{tag}"), e)))
-            .transpose()
+        let reply = self
+            .exec_raw(Request::Cmd(
+                redis::cmd("HGET").arg(&key).arg(tag.as_str()).clone(),
+            ))
+            .await;
+        let raw: Option<Vec<u8>> = match reply {
+            Ok(v) => FromRedisValue::from_redis_value(v).map_err(|e| corrupt(&key, e))?,
+            Err(e) if e.code() == Some("WRONGTYPE") => {
+                self.check
+                    .reject(Kind::Tag, &key, b"", "the key is not a hash");
+                None
+            }
+            Err(e) => return Err(self.failed(e)),
+        };
+        Ok(raw.and_then(|raw| self.check.tag(&key, tag.as_str(), &raw, now_ms())))
     }
 
     async fn record_tag(
@@ -427,9 +655,18 @@ impl Store for RedisStore {
         keep: Duration,
     ) -> Result<(), StoreError> {
         let key = tags_key(repo);
-        self.hset_json(&key, tag.as_str(), record).await?;
-        self.query::<()>(redis::cmd("EXPIRE").arg(&key).arg(keep.as_secs().max(1)))
-            .await
+        let json = serde_json::to_string(record).map_err(|e| corrupt(&key, e))?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
+            .arg(&key)
+            .arg(tag.as_str())
+            .arg(json)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(keep.as_secs().max(1))
+            .ignore();
+        self.exec(Request::Pipe(pipe)).await.map(|_| ())
     }
 
     async fn purge(
@@ -439,33 +676,52 @@ impl Store for RedisStore {
     ) -> Result<u64, StoreError> {
         let mut gone = 0u64;
         if let Some(digest) = digest {
-            let key = holders_key(digest);
-            gone += self.query::<u64>(redis::cmd("HLEN").arg(&key)).await?;
-            self.query::<()>(redis::cmd("DEL").arg(&key)).await?;
+            gone += self
+                .script::<u64>(&PURGE, &holdings_key(digest), Vec::new())
+                .await?;
         }
         if let Some(repo) = tags_of {
-            let key = tags_key(repo);
-            gone += self.query::<u64>(redis::cmd("HLEN").arg(&key)).await?;
-            self.query::<()>(redis::cmd("DEL").arg(&key)).await?;
+            gone += self
+                .script::<u64>(&PURGE, &tags_key(repo), Vec::new())
+                .await?;
         }
         Ok(gone)
     }
 
     async fn admin_states(&self) -> Result<HashMap<String, AdminState>, StoreError> {
-        self.hash_json(ADMIN).await
+        Ok(self
+            .hash_fields(ADMIN, Kind::Admin)
+            .await?
+            .into_iter()
+            .filter_map(|(id, raw)| Some((id.clone(), self.check.admin(ADMIN, &id, &raw)?)))
+            .collect())
     }
 
-    async fn set_admin_state(&self, backend: &str, state: &AdminState) -> Result<(), StoreError> {
-        self.hset_json(ADMIN, backend, state).await
+    async fn update_admin_state(
+        &self,
+        backend: &str,
+        change: AdminChange,
+    ) -> Result<AdminState, StoreError> {
+        let (field, value) = match change {
+            AdminChange::Drained(d) => ("drained", if d { "1" } else { "0" }.to_owned()),
+            AdminChange::Weight(w) => ("weight", w.map(|w| w.to_string()).unwrap_or_default()),
+        };
+        let args = vec![
+            backend.as_bytes().to_vec(),
+            field.as_bytes().to_vec(),
+            value.into_bytes(),
+        ];
+        let json: String = self.script(&UPDATE_ADMIN, ADMIN, args).await?;
+        serde_json::from_str(&json).map_err(|e| corrupt(ADMIN, e))
     }
 
     async fn health(&self) -> Result<HashMap<String, HealthRecord>, StoreError> {
         let now = now_ms();
-        let all: HashMap<String, Expiring<HealthRecord>> = self.hash_json(HEALTH).await?;
-        Ok(all
+        Ok(self
+            .hash_fields(HEALTH, Kind::Health)
+            .await?
             .into_iter()
-            .filter(|(_, e)| e.expires_ms > now)
-            .map(|(k, e)| (k, e.record))
+            .filter_map(|(id, raw)| Some((id.clone(), self.check.health(HEALTH, &id, &raw, now)?)))
             .collect())
     }
 
@@ -497,20 +753,31 @@ impl Store for RedisStore {
     }
 
     async fn policies(&self) -> Result<HashMap<String, OrgPolicy>, StoreError> {
-        self.hash_json(POLICIES).await
+        Ok(self
+            .hash_fields(POLICIES, Kind::Policy)
+            .await?
+            .into_iter()
+            .filter(|(org, _)| org != SEEDED_FIELD)
+            .filter_map(|(org, raw)| Some((org.clone(), self.check.policy(POLICIES, &org, &raw)?)))
+            .collect())
     }
 
     async fn seed_policies(&self, seeds: &[(String, OrgPolicy)]) -> Result<(), StoreError> {
-        let first: Option<String> = self
-            .query(redis::cmd("SET").arg(SEEDED).arg("1").arg("NX"))
-            .await?;
-        if first.is_none() {
-            return Ok(());
+        // A store seeded by an older version keeps what the admin API made of it.
+        let legacy: Option<String> = self.query(redis::cmd("GET").arg(LEGACY_SEEDED)).await?;
+        let mut args = Vec::new();
+        if legacy.is_none() {
+            for (org, policy) in seeds {
+                args.push(org.clone().into_bytes());
+                args.push(serde_json::to_vec(policy).map_err(|e| corrupt(POLICIES, e))?);
+            }
         }
-        for (org, policy) in seeds {
-            let json = serde_json::to_string(policy).map_err(|e| corrupt(POLICIES, e))?;
-            self.query::<()>(redis::cmd("HSETNX").arg(POLICIES).arg(org).arg(json))
-                .await?;
+        let first: u64 = self.script(&SEED_POLICIES, POLICIES, args).await?;
+        if first == 1 {
+            tracing::info!(
+                orgs = seeds.len(),
+                "seeded org policies from the configuration"
+            );
         }
         Ok(())
     }
@@ -520,6 +787,9 @@ impl Store for RedisStore {
     }
 
     async fn delete_policy(&self, org: &str) -> Result<bool, StoreError> {
+        if org == SEEDED_FIELD {
+            return Ok(false);
+        }
         let removed: u64 = self
             .query(redis::cmd("HDEL").arg(POLICIES).arg(org))
             .await?;
@@ -527,7 +797,12 @@ impl Store for RedisStore {
     }
 
     async fn publish(&self, event: &str) -> Result<(), StoreError> {
-        self.query::<()>(redis::cmd("PUBLISH").arg(CHANNEL).arg(event))
+        let command = if self.cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
+        self.query::<()>(redis::cmd(command).arg(CHANNEL).arg(event))
             .await
     }
 
@@ -535,34 +810,5 @@ impl Store for RedisStore {
         let receiver = self.shared.events.subscribe();
         self.subscriber.call_once(|| self.start_subscriber());
         receiver
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_targets() {
-        assert_eq!(
-            RedisTarget::parse("redis://127.0.0.1:6379/0"),
-            Ok(RedisTarget::Standalone("redis://127.0.0.1:6379/0".into()))
-        );
-        assert_eq!(
-            RedisTarget::parse("redis+sentinel://a:26379,b:26379/main"),
-            Ok(RedisTarget::Sentinel {
-                nodes: vec!["redis://a:26379".into(), "redis://b:26379".into()],
-                master: "main".into()
-            })
-        );
-        assert_eq!(
-            RedisTarget::parse("redis+cluster://a:7000,b:7001"),
-            Ok(RedisTarget::Cluster {
-                nodes: vec!["redis://a:7000".into(), "redis://b:7001".into()]
-            })
-        );
-        assert!(RedisTarget::parse("redis+sentinel://a:26379").is_err());
-        assert!(RedisTarget::parse("http://x").is_err());
-        assert!(RedisTarget::parse("localhost:6379").is_err());
     }
 }
