@@ -20,7 +20,7 @@ use tokio::sync::broadcast;
 
 pub use self::checked::{is_media_type, Kind as RecordKind, Limits, RecordCheck, MAX_CLOCK_SKEW};
 pub use self::memory::MemoryStore;
-pub use self::redis::RedisStore;
+pub use self::redis::{RedisStore, MAX_FACTS_PER_DIGEST};
 pub use self::redis_target::{redact, RedisTarget};
 
 use crate::model::{AdminState, HealthRecord, Holding, OrgPolicy, TagRecord};

@@ -13,7 +13,7 @@ use crate::redis_server::Redis;
 use crate::registry::{Registry, Shape};
 
 /// Two anonymous registries that both hold `image` as acme/app:1.0.
-fn two_holders(
+pub(crate) fn two_holders(
     work: &std::path::Path,
     seed: &str,
     layers: usize,
@@ -321,13 +321,13 @@ async fn warm_blob_redirects_send_no_command_to_redis() {
     assert_eq!(during, 0, "warm redirects must not touch redis");
 }
 
-/// Two nodes on the store at `url`: a drain through one reaches the other, and a pull
-/// through the other gets every digest.
-async fn two_nodes_agree_through(url: &str, seed: &str) {
+/// Two nodes on the store at `url` (with more `[store]` keys): a drain through one reaches
+/// the other, and a pull through the other gets every digest.
+pub(crate) async fn two_nodes_agree_through(url: &str, store_keys: &[(&str, &str)], seed: &str) {
     let work = tempfile::tempdir().unwrap();
     let (a, b, image) = two_holders(work.path(), seed, 2, 1024);
     let config = Config::new()
-        .redis(url)
+        .redis_with(url, store_keys)
         .admin()
         .backend_in("a", &a, "direct", "eu")
         .backend_in("b", &b, "direct", "us")
@@ -365,13 +365,13 @@ async fn two_nodes_agree_through(url: &str, seed: &str) {
 #[actix_web::test]
 async fn nodes_agree_through_redis_cluster() {
     let cluster = crate::redis_server::RedisCluster::start();
-    two_nodes_agree_through(&cluster.url(), "redis-cluster").await;
+    two_nodes_agree_through(&cluster.url(), &[], "redis-cluster").await;
 }
 
 #[actix_web::test]
 async fn nodes_agree_through_redis_sentinel() {
     let sentinel = crate::redis_server::RedisSentinel::start();
-    two_nodes_agree_through(&sentinel.url(), "redis-sentinel").await;
+    two_nodes_agree_through(&sentinel.url(), &[], "redis-sentinel").await;
     assert!(
         sentinel.master.commands_processed() > 0,
         "the master behind the sentinel was used"

@@ -74,6 +74,14 @@ impl TestApp {
             .await
     }
 
+    /// The node's Prometheus exposition (admin listener).
+    pub async fn metrics(&self) -> String {
+        let answer = self
+            .send_raw(&format!("{}/metrics", self.admin_url()))
+            .await;
+        String::from_utf8(answer.body).unwrap()
+    }
+
     pub fn admin_url(&self) -> String {
         format!(
             "http://127.0.0.1:{}",
@@ -217,9 +225,17 @@ impl Config {
     }
 
     /// Shared state in the Redis at `url`.
-    pub fn redis(mut self, url: &str) -> Config {
+    pub fn redis(self, url: &str) -> Config {
+        self.redis_with(url, &[])
+    }
+
+    /// Shared state in the Redis at `url`, with more `[store]` keys (`tls_ca`, ...).
+    pub fn redis_with(mut self, url: &str, keys: &[(&str, &str)]) -> Config {
         self.sections
             .push_str(&format!("[store]\ntype = \"redis\"\nurl = \"{url}\"\n"));
+        for (key, value) in keys {
+            self.sections.push_str(&format!("{key} = {value:?}\n"));
+        }
         self
     }
 
@@ -433,4 +449,19 @@ where
         );
         actix_web::rt::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The value of the series `name` with all `labels` in a Prometheus exposition.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (series, value) = match rest.strip_prefix('{') {
+            Some(labelled) => labelled.rsplit_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        labels
+            .iter()
+            .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
+            .then(|| value.parse().ok())?
+    })
 }

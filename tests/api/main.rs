@@ -21,3 +21,4 @@ mod placement;
 mod plan;
 mod pulls;
 mod readiness;
+mod store;

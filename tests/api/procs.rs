@@ -170,3 +170,66 @@ pub fn self_signed_cert(dir: &Path, common_name: &str) -> (std::path::PathBuf, s
     run_ok(cmd, Duration::from_secs(60));
     (cert, key)
 }
+
+/// A certificate authority and a server certificate it signed for 127.0.0.1 (what rustls
+/// clients accept; they refuse a CA certificate as a server's own), written to `dir`;
+/// returns (ca, cert, key).
+pub fn ca_signed_cert(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    require("openssl");
+    let (ca, ca_key) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+    let (cert, key, csr) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("cert.csr"),
+    );
+    let ext = dir.join("cert.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&str], paths: &[(&str, &Path)]| {
+        let mut cmd = Command::new("openssl");
+        cmd.args(args);
+        for (flag, path) in paths {
+            cmd.arg(flag).arg(path);
+        }
+        run_ok(cmd, Duration::from_secs(60));
+    };
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=regatta test CA",
+        ],
+        &[("-keyout", &ca_key), ("-out", &ca)],
+    );
+    openssl(
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+        &[("-keyout", &key), ("-out", &csr)],
+    );
+    openssl(
+        &["x509", "-req", "-days", "2", "-set_serial", "1"],
+        &[
+            ("-in", &csr),
+            ("-CA", &ca),
+            ("-CAkey", &ca_key),
+            ("-extfile", &ext),
+            ("-out", &cert),
+        ],
+    );
+    (ca, cert, key)
+}

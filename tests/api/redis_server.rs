@@ -1,22 +1,104 @@
 //! A real `redis-server` on a random loopback port, with an append-only file so that a
-//! restart after a kill keeps what was written (as a production Redis would).
+//! restart after a kill keeps what was written (as a production Redis would); optionally
+//! with TLS and a password. Also a three-master Cluster and a Sentinel (with TLS and auth
+//! when asked).
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use crate::procs::{free_port, require, wait_until, Proc};
 
+/// TLS (a certificate for 127.0.0.1 signed by a test CA) and a password.
+#[derive(Clone)]
+pub struct Secured {
+    pub password: String,
+    /// The CA clients are told to trust.
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Secured {
+    /// A fresh CA and certificate in `dir`, and `password`.
+    pub fn new(dir: &Path, password: &str) -> Secured {
+        let (ca, cert, key) = crate::procs::ca_signed_cert(dir);
+        Secured {
+            password: password.into(),
+            ca,
+            cert,
+            key,
+        }
+    }
+
+    /// The `tls-*` options of a server (Redis or Sentinel) with this certificate.
+    fn tls_options(&self, port: u16) -> Vec<String> {
+        vec![
+            "port 0".into(),
+            format!("tls-port {port}"),
+            format!("tls-cert-file {}", self.cert.display()),
+            format!("tls-key-file {}", self.key.display()),
+            format!("tls-ca-cert-file {}", self.ca.display()),
+            "tls-auth-clients no".into(),
+            "tls-replication yes".into(),
+        ]
+    }
+
+    /// `redis-cli` with TLS and this password (through the environment, not argv).
+    fn cli(&self, port: u16) -> Command {
+        let mut cmd = Command::new("redis-cli");
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--tls",
+            "--cacert",
+        ])
+        .arg(&self.ca)
+        .env("REDISCLI_AUTH", &self.password);
+        cmd
+    }
+}
+
+/// A TLS-capable client for the test's own commands.
+fn client(url: &str, secured: Option<&Secured>) -> redis::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match secured {
+        Some(s) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(std::fs::read(&s.ca).unwrap()),
+            },
+        )
+        .unwrap(),
+        None => redis::Client::open(url).unwrap(),
+    }
+}
+
 pub struct Redis {
     pub port: u16,
+    pub secured: Option<Secured>,
     dir: tempfile::TempDir,
     proc: Option<Proc>,
 }
 
 impl Redis {
     pub fn start() -> Redis {
+        Redis::start_with(None)
+    }
+
+    /// A server that speaks only TLS and requires `secured`'s password.
+    pub fn start_secured(secured: &Secured) -> Redis {
+        Redis::start_with(Some(secured.clone()))
+    }
+
+    fn start_with(secured: Option<Secured>) -> Redis {
         require("redis-server");
         let mut redis = Redis {
             port: free_port(),
+            secured,
             dir: tempfile::tempdir().unwrap(),
             proc: None,
         };
@@ -26,30 +108,35 @@ impl Redis {
 
     /// Starts (again) on the same port and data directory.
     pub fn restart(&mut self) {
+        let mut options = vec![
+            "bind 127.0.0.1".to_owned(),
+            "save \"\"".into(),
+            "appendonly yes".into(),
+            "appendfsync always".into(),
+            format!("dir {}", self.dir.path().display()),
+        ];
+        match &self.secured {
+            Some(s) => {
+                options.extend(s.tls_options(self.port));
+                options.push(format!("requirepass {}", s.password));
+            }
+            None => options.push(format!("port {}", self.port)),
+        }
+        let conf = self.dir.path().join("redis.conf");
+        std::fs::write(&conf, options.join("\n") + "\n").unwrap();
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
-            .arg("--dir")
-            .arg(self.dir.path());
+        cmd.arg(&conf);
         self.proc = Some(Proc::spawn(
             "redis-server",
             cmd,
             &self.dir.path().join("redis.log"),
         ));
-        let url = self.url();
         wait_until(
             "redis-server to answer PING",
             Duration::from_secs(20),
             || {
-                redis::Client::open(url.as_str())
-                    .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+                self.client()
+                    .get_connection_with_timeout(Duration::from_millis(200))
                     .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
                     .is_ok()
             },
@@ -63,8 +150,23 @@ impl Redis {
         }
     }
 
+    /// The URL a node is given: `rediss://:password@...` when secured.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.secured {
+            Some(s) => format!("rediss://:{}@127.0.0.1:{}", s.password, self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    pub fn client(&self) -> redis::Client {
+        client(&self.url(), self.secured.as_ref())
+    }
+
+    /// Runs one command from the test (writing garbage, reading what nodes wrote).
+    pub fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        let mut conn = self.client().get_connection().unwrap();
+        cmd.query(&mut conn)
+            .unwrap_or_else(|e| panic!("redis {cmd:?}: {e}"))
     }
 
     /// Waits until no command arrives for 300 ms (writes a node does off the request path
@@ -83,14 +185,7 @@ impl Redis {
 
     /// Commands the server has processed, not counting the INFO calls that ask.
     pub fn commands_processed(&self) -> u64 {
-        let mut conn = redis::Client::open(self.url())
-            .unwrap()
-            .get_connection()
-            .unwrap();
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query(&mut conn)
-            .unwrap();
+        let info: String = self.query(redis::cmd("INFO").arg("commandstats"));
         info.lines()
             .filter_map(|l| l.strip_prefix("cmdstat_"))
             .filter(|l| !l.starts_with("info:"))
@@ -106,41 +201,59 @@ impl Redis {
     }
 }
 
-/// A Redis Cluster of three masters (no replicas) on random ports.
+/// A Redis Cluster of three masters (no replicas) on random ports, optionally speaking
+/// only TLS with a password. A slot whose master is gone does not stop the others
+/// (`cluster-require-full-coverage no`).
 pub struct RedisCluster {
     pub ports: Vec<u16>,
+    pub secured: Option<Secured>,
     _dirs: Vec<tempfile::TempDir>,
     _procs: Vec<Proc>,
 }
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
+        RedisCluster::start_with(None)
+    }
+
+    pub fn start_secured(secured: &Secured) -> RedisCluster {
+        RedisCluster::start_with(Some(secured.clone()))
+    }
+
+    fn start_with(secured: Option<Secured>) -> RedisCluster {
         require("redis-server");
         require("redis-cli");
-        let mut ports = Vec::new();
-        let mut dirs = Vec::new();
-        let mut procs = Vec::new();
+        let mut cluster = RedisCluster {
+            ports: Vec::new(),
+            secured,
+            _dirs: Vec::new(),
+            _procs: Vec::new(),
+        };
         for _ in 0..3 {
             let port = free_port();
             let dir = tempfile::tempdir().unwrap();
+            let mut options = vec![
+                "bind 127.0.0.1".to_owned(),
+                "save \"\"".into(),
+                "cluster-enabled yes".into(),
+                "cluster-config-file nodes.conf".into(),
+                "cluster-require-full-coverage no".into(),
+                format!("dir {}", dir.path().display()),
+            ];
+            match &cluster.secured {
+                Some(s) => {
+                    options.extend(s.tls_options(port));
+                    options.push("tls-cluster yes".into());
+                    options.push(format!("requirepass {}", s.password));
+                    options.push(format!("masterauth {}", s.password));
+                }
+                None => options.push(format!("port {port}")),
+            }
+            let conf = dir.path().join("redis.conf");
+            std::fs::write(&conf, options.join("\n") + "\n").unwrap();
             let mut cmd = Command::new("redis-server");
-            cmd.args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-            ])
-            .args([
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-            ])
-            .arg("--dir")
-            .arg(dir.path());
-            procs.push(Proc::spawn(
+            cmd.arg(&conf);
+            cluster._procs.push(Proc::spawn(
                 "redis-server",
                 cmd,
                 &dir.path().join("redis.log"),
@@ -148,39 +261,121 @@ impl RedisCluster {
             wait_until("a cluster node to listen", Duration::from_secs(20), || {
                 std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
             });
-            ports.push(port);
-            dirs.push(dir);
+            cluster.ports.push(port);
+            cluster._dirs.push(dir);
         }
-        let mut create = Command::new("redis-cli");
+        let mut create = cluster.redis_cli(cluster.ports[0]);
         create.args(["--cluster", "create"]);
-        for p in &ports {
+        for p in &cluster.ports {
             create.arg(format!("127.0.0.1:{p}"));
         }
         create.args(["--cluster-replicas", "0", "--cluster-yes"]);
         crate::procs::run_ok(create, Duration::from_secs(60));
-        let first = ports[0];
         wait_until("the cluster to report ok", Duration::from_secs(30), || {
-            let mut info = Command::new("redis-cli");
-            info.args(["-p", &first.to_string(), "cluster", "info"]);
+            let mut info = cluster.redis_cli(cluster.ports[0]);
+            info.args(["cluster", "info"]);
             crate::procs::run(info, Duration::from_secs(10))
                 .stdout
                 .windows(16)
                 .any(|w| w == b"cluster_state:ok")
         });
-        RedisCluster {
-            ports,
-            _dirs: dirs,
-            _procs: procs,
-        }
+        cluster
     }
 
     pub fn url(&self) -> String {
-        let hosts: Vec<String> = self
-            .ports
-            .iter()
-            .map(|p| format!("127.0.0.1:{p}"))
-            .collect();
-        format!("redis+cluster://{}", hosts.join(","))
+        self.url_naming(&self.ports)
+    }
+
+    /// A URL that lists only the nodes on `ports`.
+    pub fn url_naming(&self, ports: &[u16]) -> String {
+        let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        match &self.secured {
+            Some(s) => format!("rediss+cluster://:{}@{}", s.password, hosts.join(",")),
+            None => format!("redis+cluster://{}", hosts.join(",")),
+        }
+    }
+
+    /// `redis-cli` for the node on `port` (TLS and password when secured).
+    fn redis_cli(&self, port: u16) -> Command {
+        match &self.secured {
+            Some(s) => s.cli(port),
+            None => {
+                let mut cmd = Command::new("redis-cli");
+                cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+                cmd
+            }
+        }
+    }
+
+    fn cli(&self, port: u16, args: &[&str]) -> String {
+        let mut cmd = self.redis_cli(port);
+        cmd.args(args);
+        crate::procs::run_ok(cmd, Duration::from_secs(10))
+            .trim()
+            .to_owned()
+    }
+
+    /// The slot of `key` (or channel).
+    pub fn slot(&self, key: &str) -> u16 {
+        self.cli(self.ports[0], &["cluster", "keyslot", key])
+            .parse()
+            .unwrap()
+    }
+
+    /// The port of the master that owns `slot`, as the master on `asked` sees it.
+    fn owner_seen_by(&self, asked: u16, slot: u16) -> Option<u16> {
+        // `<id> <ip:port@cport> <flags> <master> <ping> <pong> <epoch> <link> <slots>...`
+        self.cli(asked, &["cluster", "nodes"])
+            .lines()
+            .find_map(|l| {
+                let fields: Vec<&str> = l.split(' ').collect();
+                let covers = fields.iter().skip(8).any(|f| slot_in(f, slot));
+                let port = fields.get(1)?.split('@').next()?.rsplit(':').next()?;
+                covers.then(|| port.parse().ok()).flatten()
+            })
+    }
+
+    /// The port of the master that owns `slot` now.
+    pub fn owner(&self, slot: u16) -> u16 {
+        self.owner_seen_by(self.ports[0], slot)
+            .unwrap_or_else(|| panic!("no master owns slot {slot}"))
+    }
+
+    /// Moves an empty slot to the master on `port` (every master is told).
+    pub fn move_slot(&self, slot: u16, port: u16) {
+        let count = self.cli(
+            self.owner(slot),
+            &["cluster", "countkeysinslot", &slot.to_string()],
+        );
+        assert_eq!(
+            count, "0",
+            "slot {slot} holds keys; only empty slots are moved"
+        );
+        let id = self.cli(port, &["cluster", "myid"]);
+        // The new owner first, then the others.
+        for p in std::iter::once(port).chain(self.ports.iter().copied().filter(|&p| p != port)) {
+            self.cli(p, &["cluster", "setslot", &slot.to_string(), "node", &id]);
+        }
+        wait_until(
+            "every master to agree on the slot's owner",
+            Duration::from_secs(10),
+            || {
+                self.ports
+                    .iter()
+                    .all(|&p| self.owner_seen_by(p, slot) == Some(port))
+            },
+        );
+    }
+}
+
+/// Whether a `cluster nodes` slot field (`N` or `A-B`) covers `slot`.
+fn slot_in(field: &str, slot: u16) -> bool {
+    match field.split_once('-') {
+        Some((a, b)) => match (a.parse::<u16>(), b.parse::<u16>()) {
+            (Ok(a), Ok(b)) => a <= slot && slot <= b,
+            _ => false,
+        },
+        None => field.parse::<u16>() == Ok(slot),
     }
 }
 
@@ -194,34 +389,58 @@ pub struct RedisSentinel {
 
 impl RedisSentinel {
     pub fn start() -> RedisSentinel {
-        let master = Redis::start();
+        RedisSentinel::start_with(Redis::start(), None)
+    }
+
+    /// The master and the Sentinel speak only TLS (`secured`'s certificate); the master
+    /// requires `secured`'s password, the Sentinel `sentinel_password`.
+    pub fn start_secured(secured: &Secured, sentinel_password: &str) -> RedisSentinel {
+        RedisSentinel::start_with(Redis::start_secured(secured), Some(sentinel_password))
+    }
+
+    fn start_with(master: Redis, sentinel_password: Option<&str>) -> RedisSentinel {
         let dir = tempfile::tempdir().unwrap();
         let sentinel_port = free_port();
-        let conf = dir.path().join("sentinel.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "bind 127.0.0.1\nport {sentinel_port}\ndir {}\nsentinel monitor regatta 127.0.0.1 {} 1\n",
-                dir.path().display(),
-                master.port
-            ),
-        )
-        .unwrap();
+        let mut conf = vec![
+            "bind 127.0.0.1".to_owned(),
+            format!("dir {}", dir.path().display()),
+        ];
+        match &master.secured {
+            Some(s) => conf.extend(s.tls_options(sentinel_port)),
+            None => conf.push(format!("port {sentinel_port}")),
+        }
+        if let Some(p) = sentinel_password {
+            conf.push(format!("requirepass {p}"));
+        }
+        conf.push(format!(
+            "sentinel monitor regatta 127.0.0.1 {} 1",
+            master.port
+        ));
+        if let Some(s) = &master.secured {
+            conf.push(format!("sentinel auth-pass regatta {}", s.password));
+        }
+        let path = dir.path().join("sentinel.conf");
+        std::fs::write(&path, conf.join("\n") + "\n").unwrap();
         let mut cmd = Command::new("redis-server");
-        cmd.arg(&conf).arg("--sentinel");
+        cmd.arg(&path).arg("--sentinel");
         let proc = Proc::spawn("redis-sentinel", cmd, &dir.path().join("sentinel.log"));
         wait_until(
             "the sentinel to know its master",
             Duration::from_secs(20),
             || {
-                let mut ask = Command::new("redis-cli");
-                ask.args([
-                    "-p",
-                    &sentinel_port.to_string(),
-                    "sentinel",
-                    "get-master-addr-by-name",
-                    "regatta",
-                ]);
+                let mut ask = match (&master.secured, sentinel_password) {
+                    (Some(s), Some(p)) => {
+                        let mut cmd = s.cli(sentinel_port);
+                        cmd.env("REDISCLI_AUTH", p);
+                        cmd
+                    }
+                    _ => {
+                        let mut cmd = Command::new("redis-cli");
+                        cmd.args(["-p", &sentinel_port.to_string()]);
+                        cmd
+                    }
+                };
+                ask.args(["sentinel", "get-master-addr-by-name", "regatta"]);
                 String::from_utf8_lossy(&crate::procs::run(ask, Duration::from_secs(10)).stdout)
                     .contains(&master.port.to_string())
             },
@@ -234,7 +453,15 @@ impl RedisSentinel {
         }
     }
 
+    /// The URL a node is given (the master's password in it when secured; the Sentinel's
+    /// own password goes in `store.sentinel_password`).
     pub fn url(&self) -> String {
-        format!("redis+sentinel://127.0.0.1:{}/regatta", self.sentinel_port)
+        match &self.master.secured {
+            Some(s) => format!(
+                "rediss+sentinel://:{}@127.0.0.1:{}/regatta",
+                s.password, self.sentinel_port
+            ),
+            None => format!("redis+sentinel://127.0.0.1:{}/regatta", self.sentinel_port),
+        }
     }
 }
