@@ -80,30 +80,49 @@ fn client(url: &str, secured: Option<&Secured>) -> redis::Client {
 pub struct Redis {
     pub port: u16,
     pub secured: Option<Secured>,
+    /// The master's port, for a replica.
+    replica_of: Option<u16>,
     dir: tempfile::TempDir,
     proc: Option<Proc>,
 }
 
 impl Redis {
     pub fn start() -> Redis {
-        Redis::start_with(None)
+        Redis::start_with(None, None)
     }
 
     /// A server that speaks only TLS and requires `secured`'s password.
     pub fn start_secured(secured: &Secured) -> Redis {
-        Redis::start_with(Some(secured.clone()))
+        Redis::start_with(Some(secured.clone()), None)
     }
 
-    fn start_with(secured: Option<Secured>) -> Redis {
+    /// A replica of `master`, once it has synchronised.
+    pub fn start_replica_of(master: &Redis) -> Redis {
+        let replica = Redis::start_with(master.secured.clone(), Some(master.port));
+        wait_until("the replica to sync", Duration::from_secs(20), || {
+            replica
+                .info("replication")
+                .contains("master_link_status:up")
+        });
+        replica
+    }
+
+    fn start_with(secured: Option<Secured>, replica_of: Option<u16>) -> Redis {
         require("redis-server");
         let mut redis = Redis {
             port: free_port(),
             secured,
+            replica_of,
             dir: tempfile::tempdir().unwrap(),
             proc: None,
         };
         redis.restart();
         redis
+    }
+
+    /// A section of `INFO`.
+    pub fn info(&self, section: &str) -> String {
+        self.query(redis::cmd("INFO").arg(section))
     }
 
     /// Starts (again) on the same port and data directory.
@@ -121,6 +140,12 @@ impl Redis {
                 options.push(format!("requirepass {}", s.password));
             }
             None => options.push(format!("port {}", self.port)),
+        }
+        if let Some(master) = self.replica_of {
+            options.push(format!("replicaof 127.0.0.1 {master}"));
+            if let Some(s) = &self.secured {
+                options.push(format!("masterauth {}", s.password));
+            }
         }
         let conf = self.dir.path().join("redis.conf");
         std::fs::write(&conf, options.join("\n") + "\n").unwrap();
@@ -185,8 +210,8 @@ impl Redis {
 
     /// Commands the server has processed, not counting the INFO calls that ask.
     pub fn commands_processed(&self) -> u64 {
-        let info: String = self.query(redis::cmd("INFO").arg("commandstats"));
-        info.lines()
+        self.info("commandstats")
+            .lines()
             .filter_map(|l| l.strip_prefix("cmdstat_"))
             .filter(|l| !l.starts_with("info:"))
             .filter_map(|l| {
@@ -379,26 +404,50 @@ fn slot_in(field: &str, slot: u16) -> bool {
     }
 }
 
-/// A Redis master watched by one Sentinel.
+/// A Redis master watched by one Sentinel, with a replica to fail over to when asked.
 pub struct RedisSentinel {
     pub master: Redis,
+    pub replica: Option<Redis>,
     pub sentinel_port: u16,
+    sentinel_password: Option<String>,
     _dir: tempfile::TempDir,
     _proc: Proc,
 }
 
 impl RedisSentinel {
     pub fn start() -> RedisSentinel {
-        RedisSentinel::start_with(Redis::start(), None)
+        RedisSentinel::start_with(Redis::start(), None, None)
     }
 
     /// The master and the Sentinel speak only TLS (`secured`'s certificate); the master
     /// requires `secured`'s password, the Sentinel `sentinel_password`.
     pub fn start_secured(secured: &Secured, sentinel_password: &str) -> RedisSentinel {
-        RedisSentinel::start_with(Redis::start_secured(secured), Some(sentinel_password))
+        RedisSentinel::start_with(Redis::start_secured(secured), None, Some(sentinel_password))
     }
 
-    fn start_with(master: Redis, sentinel_password: Option<&str>) -> RedisSentinel {
+    /// A master with one replica, both known to the Sentinel.
+    pub fn start_with_replica() -> RedisSentinel {
+        let master = Redis::start();
+        let replica = Redis::start_replica_of(&master);
+        let sentinel = RedisSentinel::start_with(master, Some(replica), None);
+        let port = sentinel.replica.as_ref().unwrap().port.to_string();
+        wait_until(
+            "the sentinel to know the replica",
+            Duration::from_secs(20),
+            || {
+                sentinel
+                    .ask(&["sentinel", "replicas", "regatta"])
+                    .contains(&port)
+            },
+        );
+        sentinel
+    }
+
+    fn start_with(
+        master: Redis,
+        replica: Option<Redis>,
+        sentinel_password: Option<&str>,
+    ) -> RedisSentinel {
         let dir = tempfile::tempdir().unwrap();
         let sentinel_port = free_port();
         let mut conf = vec![
@@ -424,33 +473,71 @@ impl RedisSentinel {
         let mut cmd = Command::new("redis-server");
         cmd.arg(&path).arg("--sentinel");
         let proc = Proc::spawn("redis-sentinel", cmd, &dir.path().join("sentinel.log"));
+        let sentinel = RedisSentinel {
+            master,
+            replica,
+            sentinel_port,
+            sentinel_password: sentinel_password.map(str::to_owned),
+            _dir: dir,
+            _proc: proc,
+        };
+        let port = sentinel.master.port.to_string();
         wait_until(
             "the sentinel to know its master",
             Duration::from_secs(20),
             || {
-                let mut ask = match (&master.secured, sentinel_password) {
-                    (Some(s), Some(p)) => {
-                        let mut cmd = s.cli(sentinel_port);
-                        cmd.env("REDISCLI_AUTH", p);
-                        cmd
-                    }
-                    _ => {
-                        let mut cmd = Command::new("redis-cli");
-                        cmd.args(["-p", &sentinel_port.to_string()]);
-                        cmd
-                    }
-                };
-                ask.args(["sentinel", "get-master-addr-by-name", "regatta"]);
-                String::from_utf8_lossy(&crate::procs::run(ask, Duration::from_secs(10)).stdout)
-                    .contains(&master.port.to_string())
+                sentinel
+                    .ask(&["sentinel", "get-master-addr-by-name", "regatta"])
+                    .contains(&port)
             },
         );
-        RedisSentinel {
-            master,
-            sentinel_port,
-            _dir: dir,
-            _proc: proc,
-        }
+        sentinel
+    }
+
+    /// What the Sentinel answers to `args` (empty when it cannot be asked).
+    fn ask(&self, args: &[&str]) -> String {
+        let mut cmd = match (&self.master.secured, &self.sentinel_password) {
+            (Some(s), password) => {
+                let mut cmd = s.cli(self.sentinel_port);
+                match password {
+                    Some(p) => cmd.env("REDISCLI_AUTH", p),
+                    None => cmd.env_remove("REDISCLI_AUTH"),
+                };
+                cmd
+            }
+            (None, _) => {
+                let mut cmd = Command::new("redis-cli");
+                cmd.args(["-p", &self.sentinel_port.to_string()]);
+                cmd
+            }
+        };
+        cmd.args(args);
+        String::from_utf8_lossy(&crate::procs::run(cmd, Duration::from_secs(10)).stdout)
+            .into_owned()
+    }
+
+    /// Makes the Sentinel promote the replica, and waits until it is the master and the
+    /// old master follows it (writes the old master took in between would be lost: that
+    /// is Redis's asynchronous replication, not something a client can repair). The old
+    /// master is turned into a replica here, as the Sentinel would do on its next check
+    /// (up to 10 s later).
+    pub fn fail_over(&self) -> &Redis {
+        let replica = self.replica.as_ref().expect("started with a replica");
+        let port = replica.port.to_string();
+        let answer = self.ask(&["sentinel", "failover", "regatta"]);
+        assert!(answer.contains("OK"), "sentinel failover: {answer}");
+        wait_until(
+            "the replica to be the master",
+            Duration::from_secs(30),
+            || {
+                self.ask(&["sentinel", "get-master-addr-by-name", "regatta"])
+                    .contains(&port)
+                    && replica.info("replication").contains("role:master")
+            },
+        );
+        self.master
+            .query::<()>(redis::cmd("REPLICAOF").arg("127.0.0.1").arg(replica.port));
+        replica
     }
 
     /// The URL a node is given (the master's password in it when secured; the Sentinel's

@@ -551,6 +551,42 @@ async fn nodes_agree_through_a_tls_sentinel_with_passwords() {
 }
 
 #[actix_web::test]
+async fn a_node_follows_its_master_through_a_sentinel_failover() {
+    let sentinel = RedisSentinel::start_with_replica();
+    let node = spawn_app(&admin_only(&sentinel.url(), &["a", "b"])).await;
+    let drain = |id: &'static str| {
+        let node = &node;
+        async move {
+            node.admin(
+                Method::POST,
+                &format!("/admin/v1/backends/{id}/drain"),
+                None,
+            )
+            .await
+            .status
+        }
+    };
+    assert_eq!(drain("a").await, 200);
+    let master = sentinel.fail_over();
+    // The node's connection still reaches the old master, now a replica that refuses
+    // writes: a change may be refused (503, nothing changed) until the node has asked the
+    // Sentinel again.
+    eventually(
+        "a drain to be taken by the new master",
+        Duration::from_secs(20),
+        || async { drain("b").await == 200 },
+    )
+    .await;
+    let stored: std::collections::HashMap<String, String> =
+        master.query(redis::cmd("HGETALL").arg("regatta:admin"));
+    for id in ["a", "b"] {
+        let state: serde_json::Value = serde_json::from_str(&stored[id]).unwrap();
+        assert_eq!(state["drained"], true, "{id} on the new master: {stored:?}");
+    }
+    assert_eq!(backend_view(&node, "b").await["drained"], true);
+}
+
+#[actix_web::test]
 async fn nodes_agree_through_a_tls_cluster_with_a_password() {
     let dir = tempfile::tempdir().unwrap();
     let secured = Secured::new(dir.path(), "cluster-password");
