@@ -14,7 +14,7 @@ use crate::admin::{self, AdminToken};
 use crate::api_error::{ApiError, API_VERSION};
 use crate::config::{HealthSettings, Settings, UpstreamSettings};
 use crate::gateway::{self, Gateway};
-use crate::store::{Limits, MemoryStore, RecordCheck, RedisStore, Store};
+use crate::store::{MemoryStore, RecordCheck, RecordLimits, RedisStore, Store};
 use crate::upstream::Upstream;
 use crate::{cluster, health, route};
 
@@ -201,8 +201,8 @@ impl Application {
 }
 
 /// What a record read from the shared store may hold, from this node's configuration.
-fn record_limits(settings: &Settings) -> Limits {
-    Limits {
+fn record_limits(settings: &Settings) -> RecordLimits {
+    RecordLimits {
         backends: settings.backends.iter().map(|b| b.id.clone()).collect(),
         holder_ttl: settings.cache.holder_ttl,
         lacks_ttl: settings.cache.lacks_ttl,

@@ -56,7 +56,7 @@ impl Kind {
 
 /// Bounds a record must keep, from this node's configuration.
 #[derive(Debug, Clone)]
-pub struct Limits {
+pub struct RecordLimits {
     /// Backend ids this node has.
     pub backends: Vec<String>,
     /// Longest life of a "holds" / "lacks" fact (`cache.holder_ttl`, `cache.lacks_ttl`).
@@ -74,14 +74,14 @@ pub struct Expiring<T> {
 }
 
 pub struct RecordCheck {
-    limits: Limits,
+    limits: RecordLimits,
     invalid: [IntCounter; 5],
     logged: Mutex<HashSet<u64>>,
 }
 
 impl RecordCheck {
     /// `invalid` is `regatta_store_invalid_records_total`, labelled by kind.
-    pub fn new(limits: Limits, invalid: &IntCounterVec) -> RecordCheck {
+    pub fn new(limits: RecordLimits, invalid: &IntCounterVec) -> RecordCheck {
         RecordCheck {
             limits,
             invalid: Kind::ALL.map(|k| invalid.with_label_values(&[k.as_str()])),
@@ -252,7 +252,7 @@ mod tests {
 
     fn check() -> (RecordCheck, IntCounterVec) {
         let counter = IntCounterVec::new(prometheus::Opts::new("t", "t"), &["kind"]).unwrap();
-        let limits = Limits {
+        let limits = RecordLimits {
             backends: vec!["hub".into(), "mirror".into()],
             holder_ttl: Duration::from_secs(3600),
             lacks_ttl: Duration::from_secs(30),

@@ -18,7 +18,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-pub use self::checked::{is_media_type, Kind as RecordKind, Limits, RecordCheck, MAX_CLOCK_SKEW};
+pub use self::checked::{
+    is_media_type, Kind as RecordKind, RecordCheck, RecordLimits, MAX_CLOCK_SKEW,
+};
 pub use self::memory::MemoryStore;
 pub use self::redis::{RedisStore, MAX_FACTS_PER_DIGEST};
 pub use self::redis_target::{redact, RedisTarget};

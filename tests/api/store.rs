@@ -11,7 +11,9 @@ use futures_util::future::join_all;
 use prometheus::{IntCounterVec, Opts};
 use regatta::model::{unix_ms, Holding};
 use regatta::oci::{Digest, RepoName};
-use regatta::store::{Limits, RecordCheck, RedisStore, RedisTarget, Store, MAX_FACTS_PER_DIGEST};
+use regatta::store::{
+    RecordCheck, RecordLimits, RedisStore, RedisTarget, Store, MAX_FACTS_PER_DIGEST,
+};
 use serde_json::json;
 
 use crate::cluster::{two_holders, two_nodes_agree_through};
@@ -85,7 +87,7 @@ async fn record_per_repository(
 async fn holder_facts_expire_one_by_one_and_a_digest_keeps_a_bounded_number() {
     let redis = Redis::start();
     let counter = IntCounterVec::new(Opts::new("invalid", "invalid"), &["kind"]).unwrap();
-    let limits = Limits {
+    let limits = RecordLimits {
         backends: vec!["a".into(), "b".into()],
         holder_ttl: Duration::from_secs(3600),
         lacks_ttl: Duration::from_secs(30),
