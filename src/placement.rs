@@ -75,9 +75,15 @@ pub struct DigestPlan {
 }
 
 impl DigestPlan {
-    /// True when every backend of the org is known to lack the digest.
+    /// True when every backend of the org is known to lack the digest. A backend the health
+    /// checks hold down, of which nothing is known, counts as lacking it once some backend
+    /// that answers does: a registry with a replica down answers 404 from the rest (and the
+    /// OCI conformance suite asks that). A backend that only failed a moment ago does not.
     pub fn nobody_has_it(&self) -> bool {
-        self.assessed.iter().all(|a| a.holding == Holding::Lacks)
+        let lacks = |a: &Assessed| a.holding == Holding::Lacks;
+        let down_unknown =
+            |a: &Assessed| a.holding == Holding::Unknown && a.excluded == Some(Excluded::Down);
+        self.assessed.iter().any(lacks) && self.assessed.iter().all(|a| lacks(a) || down_unknown(a))
     }
 
     /// Every backend the plan would try, in order: probe-first, holders, fallback. Routes
@@ -340,6 +346,28 @@ mod tests {
         assert!(!p.nobody_has_it());
         let none = plan_digest("eu", &[view(0, "eu")], &[Lacks]);
         assert!(none.nobody_has_it());
+        let down = health(view(0, "eu"), Health::Down);
+        let rest_lacks = plan_digest("eu", &[down, view(1, "eu")], &[Unknown, Lacks]);
+        assert!(
+            rest_lacks.nobody_has_it(),
+            "a down backend keeps nothing maybe-there"
+        );
+        let down_holds = plan_digest("eu", &[down, view(1, "eu")], &[Has, Lacks]);
+        assert!(
+            !down_holds.nobody_has_it(),
+            "known to be on the down backend"
+        );
+        let only_down = plan_digest("eu", &[down], &[Unknown]);
+        assert!(!only_down.nobody_has_it(), "no backend answered");
+        let blip = plan_digest(
+            "eu",
+            &[failing(view(0, "eu")), view(1, "eu")],
+            &[Unknown, Lacks],
+        );
+        assert!(
+            !blip.nobody_has_it(),
+            "failing a moment ago may still hold it"
+        );
         assert_eq!(p.attempts().collect::<Vec<_>>(), vec![2]);
     }
 

@@ -5,7 +5,7 @@
 //! `/v2/<name>/referrers/<digest>`.
 
 use crate::api_error::ApiError;
-use crate::oci::{Digest, Reference, RepoName};
+use crate::oci::{Digest, Reference, ReferenceError, RepoName};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route {
@@ -79,10 +79,13 @@ fn parse_repo_path(rest: &str) -> Result<Route, ApiError> {
     match op {
         "manifests" => {
             let name = RepoName::parse(name)?;
-            Ok(Route::Manifest {
-                name,
-                reference: Reference::parse(arg)?,
-            })
+            // A reference that is neither a tag nor a digest names no manifest: 404, as the
+            // distribution registry answers and the conformance suite (v1.1) requires.
+            let reference = Reference::parse(arg).map_err(|e| match e {
+                ReferenceError::Tag(e) => ApiError::ManifestUnknown(format!("{arg} ({e})")),
+                digest => ApiError::from(digest),
+            })?;
+            Ok(Route::Manifest { name, reference })
         }
         "blobs" => {
             let name = RepoName::parse(name)?;
@@ -152,7 +155,7 @@ mod tests {
     fn bad_paths_get_oci_errors() {
         assert_eq!(err_code("/v2/ACME/app/manifests/1.0"), "NAME_INVALID");
         assert_eq!(err_code("/v2/app/manifests/1.0"), "NAME_INVALID");
-        assert_eq!(err_code("/v2/acme/app/manifests/-bad"), "TAG_INVALID");
+        assert_eq!(err_code("/v2/acme/app/manifests/-bad"), "MANIFEST_UNKNOWN");
         assert_eq!(
             err_code("/v2/acme/app/manifests/sha256:123"),
             "DIGEST_INVALID"

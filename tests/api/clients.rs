@@ -1,9 +1,10 @@
-//! Real registry clients pulling through the gateway: skopeo, podman and containerd's ctr.
+//! Real registry clients pulling through the gateway: skopeo, podman, containerd's ctr,
+//! Docker Engine, crane and regctl.
 //! Each returns what arrived so the test can compare digests.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -363,5 +364,137 @@ impl Drop for Dockerd {
             umount.arg(point);
             let _ = run(umount, Duration::from_secs(30));
         }
+    }
+}
+
+/// How a Go client reaches the gateway: plain HTTP, or HTTPS trusting the test CA.
+#[derive(Clone, Copy)]
+pub enum Transport<'a> {
+    Http,
+    Https { ca: &'a Path },
+}
+
+/// crane (go-containerregistry). Over HTTPS it trusts only the given CA (`SSL_CERT_FILE`,
+/// which Go reads instead of the system roots).
+pub struct Crane<'a> {
+    transport: Transport<'a>,
+}
+
+impl<'a> Crane<'a> {
+    pub fn new(transport: Transport<'a>) -> Crane<'a> {
+        require("crane");
+        Crane { transport }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("crane");
+        cmd.args(args);
+        match self.transport {
+            Transport::Http => {
+                cmd.arg("--insecure");
+            }
+            Transport::Https { ca } => {
+                cmd.env("SSL_CERT_FILE", ca);
+            }
+        }
+        cmd
+    }
+
+    /// Runs `crane ARGS` and returns its output (failures included, for the caller to judge).
+    pub fn run(&self, args: &[&str]) -> Output {
+        run(self.cmd(args), PULL_LIMIT)
+    }
+
+    pub fn digest(&self, reference: &str) -> String {
+        run_ok(self.cmd(&["digest", reference]), PULL_LIMIT)
+            .trim()
+            .to_owned()
+    }
+
+    pub fn manifest(&self, reference: &str) -> Vec<u8> {
+        let out = self.run(&["manifest", reference]);
+        assert!(out.status.success(), "crane manifest {reference} failed");
+        out.stdout
+    }
+
+    pub fn ls(&self, repository: &str) -> BTreeSet<String> {
+        run_ok(self.cmd(&["ls", repository]), PULL_LIMIT)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// `crane pull --format oci` (every platform) into `out`, re-hashed.
+    pub fn pull(&self, reference: &str, out: &Path) -> Pulled {
+        let dir = out.to_str().unwrap();
+        run_ok(
+            self.cmd(&["pull", "--format", "oci", reference, dir]),
+            PULL_LIMIT,
+        );
+        read_layout(out)
+    }
+}
+
+/// regctl (regclient), with a configuration of its own (HOME) naming the gateway's TLS.
+pub struct Regctl {
+    home: tempfile::TempDir,
+}
+
+impl Regctl {
+    pub fn new(host: &str, transport: Transport) -> Regctl {
+        require("regctl");
+        let regctl = Regctl {
+            home: tempfile::tempdir().unwrap(),
+        };
+        let mut set = regctl.cmd(&["registry", "set", host]);
+        match transport {
+            Transport::Http => set.args(["--tls", "disabled"]),
+            Transport::Https { ca } => set
+                .arg("--cacert")
+                .arg(std::fs::read_to_string(ca).unwrap()),
+        };
+        // regctl pings the registry here and keeps the setting even when the ping fails (an
+        // untrusted certificate): the commands that follow show the failure.
+        run(set, Duration::from_secs(30));
+        regctl
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("regctl");
+        cmd.args(args).env("HOME", self.home.path());
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        run(self.cmd(args), PULL_LIMIT)
+    }
+
+    pub fn tags(&self, repository: &str) -> BTreeSet<String> {
+        run_ok(self.cmd(&["tag", "ls", repository]), PULL_LIMIT)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn digest(&self, reference: &str) -> String {
+        run_ok(self.cmd(&["image", "digest", reference]), PULL_LIMIT)
+            .trim()
+            .to_owned()
+    }
+
+    pub fn manifest(&self, reference: &str) -> Vec<u8> {
+        let out = self.run(&["manifest", "get", "--format", "raw-body", reference]);
+        assert!(
+            out.status.success(),
+            "regctl manifest get {reference} failed"
+        );
+        out.stdout
+    }
+
+    /// `regctl image copy REF ocidir://OUT:copied` (every platform), re-hashed.
+    pub fn copy_to_layout(&self, reference: &str, out: &Path) -> Pulled {
+        let target = format!("ocidir://{}:copied", out.display());
+        run_ok(self.cmd(&["image", "copy", reference, &target]), PULL_LIMIT);
+        read_layout(out)
     }
 }

@@ -1,8 +1,10 @@
 //! Bad input and unknown content get OCI error bodies with the right status, never a 5xx.
 
+use std::time::Duration;
+
 use awc::http::Method;
 
-use crate::helpers::{spawn_app, Config};
+use crate::helpers::{eventually, spawn_app, Config};
 use crate::images;
 use crate::registry::{Registry, Shape};
 
@@ -36,7 +38,8 @@ async fn bad_requests_get_oci_errors() {
         (Method::GET, "/v2/Acme/app/manifests/1.0".into(), 400, "NAME_INVALID"),
         (Method::GET, "/v2/acme/ap%20p/manifests/1.0".into(), 400, "NAME_INVALID"),
         (Method::GET, "/v2/app/manifests/1.0".into(), 400, "NAME_INVALID"),
-        (Method::GET, "/v2/acme/app/manifests/.bad".into(), 400, "TAG_INVALID"),
+        // Not a tag nor a digest: no such manifest (distribution's answer; conformance v1.1).
+        (Method::GET, "/v2/acme/app/manifests/.bad".into(), 404, "MANIFEST_UNKNOWN"),
         (Method::GET, "/v2/acme/app/manifests/sha256:1234".into(), 400, "DIGEST_INVALID"),
         (Method::GET, "/v2/acme/app/blobs/sha256:ZZ".into(), 400, "DIGEST_INVALID"),
         (Method::GET, "/v2/acme/app/blobs/md5:abcd".into(), 400, "DIGEST_INVALID"),
@@ -78,6 +81,13 @@ async fn bad_requests_get_oci_errors() {
         404
     );
     assert_eq!(app.head("/v2/other/app/manifests/1.0").await.status, 403);
+    assert_eq!(
+        app.head("/v2/acme/app/manifests/.INVALID_MANIFEST_NAME")
+            .await
+            .status,
+        404,
+        "the conformance suite's HEAD of a reference that is no tag"
+    );
 }
 
 #[actix_web::test]
@@ -152,5 +162,49 @@ async fn cold_lookups_are_limited_per_client_and_warm_answers_never() {
     let trusting = spawn_app(&config(&["127.0.0.0/8"])).await;
     for i in 0..20 {
         assert_eq!(trusting.get(&unknown(i)).await.status, 404);
+    }
+}
+
+/// One of two backends stopped: before the health checks hold it down, a digest the running
+/// backend lacks is a 503 (the stopped one might hold it); once they do, it is unknown, a
+/// 404, as a registry with a replica down answers (the OCI conformance suite asks this).
+#[actix_web::test]
+async fn a_digest_the_running_backend_lacks_is_a_404_once_the_other_is_down() {
+    let mut stopped = Registry::start(Shape::Anonymous, None);
+    let running = Registry::start(Shape::Anonymous, None);
+    let app = spawn_app(
+        &Config::new()
+            .admin()
+            .health("1s", 2)
+            .backend("stopped", &stopped, "direct")
+            .backend("running", &running, "direct")
+            .org("acme", &["stopped", "running"], "30s", &[]),
+    )
+    .await;
+    stopped.stop();
+    let blob = format!("/v2/acme/app/blobs/{ZERO}");
+    let manifest = format!("/v2/acme/app/manifests/{ZERO}");
+    assert_eq!(app.get(&blob).await.status, 503, "not yet known down");
+    eventually(
+        "the node to see the backend down",
+        Duration::from_secs(20),
+        || async {
+            let view = app
+                .admin(Method::GET, "/admin/v1/backends/stopped", None)
+                .await;
+            view.json()["status"] == "down"
+        },
+    )
+    .await;
+    for path in [&blob, &manifest] {
+        let answer = app.get(path).await;
+        assert_eq!(
+            answer.status,
+            404,
+            "{path}: {}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        assert_ne!(answer.error_code(), "UNAVAILABLE");
+        assert_eq!(app.head(path).await.status, 404, "HEAD {path}");
     }
 }

@@ -264,7 +264,16 @@ impl Config {
 
     fn render(&self) -> String {
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nregion = \"{}\"\nworkers = 2\n{}{}{}",
+            "[server]\nlisten = \"127.0.0.1:0\"\n{}",
+            self.server_sections("")
+        )
+    }
+
+    /// Everything after `[server] listen`, with `server_keys` (e.g. `tls_cert = ...`) added
+    /// to the server section: the configuration of a `NodeProcess`.
+    pub fn server_sections(&self, server_keys: &str) -> String {
+        format!(
+            "region = \"{}\"\nworkers = 2\n{}{server_keys}{}{}",
             self.region, self.server, self.sections, self.text
         )
     }
@@ -274,14 +283,21 @@ impl Config {
         self.backend_in(id, registry, delivery, "eu")
     }
 
-    pub fn backend_in(
+    pub fn backend_in(self, id: &str, registry: &Registry, delivery: &str, region: &str) -> Config {
+        let url = registry.url();
+        self.backend_via(id, registry, &url, delivery, region)
+    }
+
+    /// A backend for `registry` reached at `url` (e.g. through a relay in front of it).
+    pub fn backend_via(
         mut self,
         id: &str,
         registry: &Registry,
+        url: &str,
         delivery: &str,
         region: &str,
     ) -> Config {
-        self = self.backend_at(id, &registry.url(), delivery, region);
+        self = self.backend_at(id, url, delivery, region);
         if registry.shape == Shape::Htpasswd || registry.shape == Shape::TokenWithCdn {
             self.text.push_str(&format!(
                 "username = \"{USER}\"\npassword = \"{PASSWORD}\"\n"
@@ -395,6 +411,26 @@ pub async fn wait_for_http(url: &str) {
         );
         actix_web::rt::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A `regatta serve` process serving `config` on its HTTPS listener (`server.tls_cert`)
+/// with a self-signed certificate for 127.0.0.1 made in `dir/name`; returns the node and the
+/// certificate, which clients trust as their CA.
+pub fn spawn_tls_node(
+    dir: &std::path::Path,
+    name: &str,
+    config: &Config,
+) -> (NodeProcess, std::path::PathBuf) {
+    let cert_dir = dir.join(name);
+    std::fs::create_dir_all(&cert_dir).unwrap();
+    let (cert, key) = crate::procs::self_signed_cert(&cert_dir, "127.0.0.1");
+    let keys = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let node = NodeProcess::start(dir, name, &config.server_sections(&keys), &[]);
+    (node, cert)
 }
 
 /// A `regatta serve` process (the binary under test) with the given configuration sections

@@ -104,14 +104,19 @@ fn noise(seed: &str, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// A gzip'd tar with the given files, byte-identical for identical input.
+/// A gzip'd tar with the given files, byte-identical for identical input. Files under `bin/`
+/// are executable.
 fn layer(files: &[(String, Vec<u8>)]) -> (Vec<u8>, String) {
     let mut tar = tar::Builder::new(Vec::new());
     for (path, content) in files {
         let mut header = tar::Header::new_gnu();
         header.set_path(path).unwrap();
         header.set_size(content.len() as u64);
-        header.set_mode(0o644);
+        header.set_mode(if path.starts_with("bin/") {
+            0o755
+        } else {
+            0o644
+        });
         header.set_mtime(0);
         header.set_uid(0);
         header.set_gid(0);
@@ -130,23 +135,75 @@ fn layer(files: &[(String, Vec<u8>)]) -> (Vec<u8>, String) {
 /// Builds a two-platform image whose content is unique to `seed`, with `layers` layers per
 /// platform (the last one carrying `bulk` bytes), tagged `tag` in a layout under `dir`.
 pub fn multiarch(dir: &Path, seed: &str, tag: &str, layers: usize, bulk: usize) -> Image {
+    write_multiarch(
+        dir,
+        tag,
+        &json!({ "Env": [format!("REGATTA_TEST={seed}")] }),
+        |arch| {
+            (0..layers)
+                .map(|n| {
+                    let mut files = vec![(
+                        format!("etc/regatta/{seed}-{arch}-{n}.txt"),
+                        format!("layer {n} of {seed} for {arch}\n").into_bytes(),
+                    )];
+                    if n + 1 == layers && bulk > 0 {
+                        files.push((
+                            format!("opt/{seed}-{arch}.bin"),
+                            noise(&format!("{seed}{arch}"), bulk),
+                        ));
+                    }
+                    files
+                })
+                .collect()
+        },
+    )
+}
+
+/// Where Debian's `busybox-static` puts its binary.
+pub const BUSYBOX: &str = "/bin/busybox";
+
+/// A two-platform image that runs: its amd64 image is Debian's static busybox (first layer)
+/// and a file `/etc/regatta/seed` holding `seed` plus `bulk` bytes of noise in
+/// `/opt/bulk.bin` (second layer); its command prints the seed. The arm64 image only carries
+/// the seed (it is never run here).
+pub fn runnable(dir: &Path, seed: &str, tag: &str, bulk: usize) -> Image {
+    crate::procs::require_file(BUSYBOX, "busybox-static");
+    let busybox = std::fs::read(BUSYBOX).unwrap();
+    let config = json!({
+        "Cmd": ["/bin/busybox", "cat", "/etc/regatta/seed"],
+        "Env": ["PATH=/bin"],
+    });
+    write_multiarch(dir, tag, &config, |arch| {
+        let seed_file = (
+            "etc/regatta/seed".to_owned(),
+            format!("{seed} {arch}\n").into_bytes(),
+        );
+        let mut second = vec![seed_file];
+        if bulk > 0 {
+            second.push(("opt/bulk.bin".to_owned(), noise(seed, bulk)));
+        }
+        match arch {
+            "amd64" => vec![vec![("bin/busybox".to_owned(), busybox.clone())], second],
+            _ => vec![second],
+        }
+    })
+}
+
+/// Writes an OCI layout with a linux/amd64 + linux/arm64 index: each platform's layers
+/// (files per layer) from `layers_of(arch)`, its config with `config` as the runtime config.
+fn write_multiarch(
+    dir: &Path,
+    tag: &str,
+    config: &Value,
+    layers_of: impl Fn(&str) -> Vec<Vec<(String, Vec<u8>)>>,
+) -> Image {
     std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
     std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let mut platforms = Vec::new();
     for arch in ["amd64", "arm64"] {
         let mut layer_descs = Vec::new();
         let mut diff_ids = Vec::new();
-        for n in 0..layers {
-            let mut files = vec![(
-                format!("etc/regatta/{seed}-{arch}-{n}.txt"),
-                format!("layer {n} of {seed} for {arch}\n").into_bytes(),
-            )];
-            if n + 1 == layers && bulk > 0 {
-                files.push((
-                    format!("opt/{seed}-{arch}.bin"),
-                    noise(&format!("{seed}{arch}"), bulk),
-                ));
-            }
+        for files in layers_of(arch) {
             let (gz, diff_id) = layer(&files);
             write_blob(dir, &gz);
             layer_descs.push(Descriptor::of(OCI_LAYER, &gz));
@@ -155,7 +212,7 @@ pub fn multiarch(dir: &Path, seed: &str, tag: &str, layers: usize, bulk: usize) 
         let config = serde_json::to_vec(&json!({
             "architecture": arch,
             "os": "linux",
-            "config": { "Env": [format!("REGATTA_TEST={seed}")] },
+            "config": config,
             "rootfs": { "type": "layers", "diff_ids": diff_ids },
             "history": [],
         }))
@@ -213,18 +270,32 @@ pub struct Artifact {
 }
 
 pub fn artifact(subject: &Descriptor, artifact_type: &str, payload: &[u8]) -> Artifact {
+    build_artifact(Some(subject), artifact_type, payload)
+}
+
+/// An artifact with no subject.
+pub fn standalone_artifact(artifact_type: &str, payload: &[u8]) -> Artifact {
+    build_artifact(None, artifact_type, payload)
+}
+
+/// The artifact's one layer is `payload`, titled `payload.json` (the file name ORAS clients
+/// write it to).
+fn build_artifact(subject: Option<&Descriptor>, artifact_type: &str, payload: &[u8]) -> Artifact {
     let empty = b"{}".to_vec();
     let empty_desc = Descriptor::of("application/vnd.oci.empty.v1+json", &empty);
-    let layer_desc = Descriptor::of("application/vnd.regatta.test.sbom+json", payload);
-    let manifest = serde_json::to_vec(&json!({
+    let mut layer = Descriptor::of("application/vnd.regatta.test.sbom+json", payload).json();
+    layer["annotations"] = json!({ "org.opencontainers.image.title": "payload.json" });
+    let mut manifest = json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "artifactType": artifact_type,
         "config": empty_desc.json(),
-        "layers": [layer_desc.json()],
-        "subject": subject.json(),
-    }))
-    .unwrap();
+        "layers": [layer],
+    });
+    if let Some(subject) = subject {
+        manifest["subject"] = subject.json();
+    }
+    let manifest = serde_json::to_vec(&manifest).unwrap();
     Artifact {
         artifact_type: artifact_type.into(),
         descriptor: Descriptor::of(OCI_MANIFEST, &manifest),

@@ -76,6 +76,14 @@ pub fn which(tool: &str) -> std::path::PathBuf {
         })
 }
 
+/// Panics with a clear message when a file a Debian package provides is missing.
+pub fn require_file(path: &str, package: &str) {
+    assert!(
+        Path::new(path).is_file(),
+        "{path} is missing: install Debian's {package} (scripts/test.sh does)"
+    );
+}
+
 /// A free loopback port (bound and released; the race with other users is accepted).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -162,18 +162,11 @@ async fn skopeo_pulls_over_https() {
     let work = tempfile::tempdir().unwrap();
     let image = images::multiarch(&work.path().join("image"), "https", "1.0", 2, 4096);
     registry.push(&image, "acme/app", "1.0");
-    let (cert, key) = crate::procs::self_signed_cert(work.path(), "127.0.0.1");
-    let node = crate::helpers::NodeProcess::start(
-        work.path(),
-        "regatta-tls",
-        &format!(
-            "tls_cert = \"{}\"\ntls_key = \"{}\"\n[log]\nformat = \"json\"\nfilter = \"warn\"\n[[backends]]\nid = \"hub\"\nurl = \"{}\"\ndelivery = \"direct\"\n[[orgs]]\nname = \"acme\"\nbackends = [\"hub\"]\n",
-            cert.display(),
-            key.display(),
-            registry.url()
-        ),
-        &[],
-    );
+    let config =
+        Config::new()
+            .backend("hub", &registry, "direct")
+            .org("acme", &["hub"], "30s", &[]);
+    let (node, _) = crate::helpers::spawn_tls_node(work.path(), "regatta-tls", &config);
     // --src-tls-verify=false: the certificate is self-signed; the connection is TLS.
     let pulled = skopeo_pull(
         &format!("127.0.0.1:{}/acme/app:1.0", node.port),

@@ -179,6 +179,8 @@ pub struct Registry {
     pub port: u16,
     pub dir: tempfile::TempDir,
     pub cdn_port: Option<u16>,
+    /// The token issuer's URL (token shapes), where pushes get a push token.
+    token_realm: Option<String>,
     proc: Proc,
     cdn: Option<Proc>,
 }
@@ -191,6 +193,7 @@ impl Registry {
         std::fs::create_dir_all(&root).unwrap();
         let port = free_port();
         let mut cdn_port = None;
+        let mut token_realm = None;
         let mut yaml = format!(
             "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: regatta-test-secret\n",
             root.display()
@@ -199,6 +202,7 @@ impl Registry {
             Shape::Anonymous => {}
             Shape::Token | Shape::TokenWithCdn => {
                 let issuer = issuer.expect("token registries need the token issuer");
+                token_realm = Some(format!("http://127.0.0.1:{}/token", issuer.port));
                 yaml.push_str(&format!(
                     "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
                     issuer.port,
@@ -236,6 +240,7 @@ impl Registry {
             port,
             dir,
             cdn_port,
+            token_realm,
             proc,
             cdn,
         };
@@ -303,54 +308,109 @@ impl Registry {
         skopeo_push(image, &self.host(), repo, tag, &self.creds_args());
     }
 
-    /// Pushes an artifact (its blobs, then its manifest by digest) and the referrers tag
-    /// schema index for its subject, over plain HTTP (anonymous registry only).
-    pub async fn push_artifact(&self, repo: &str, artifact: &Artifact, subject_digest: &str) {
-        assert_eq!(
-            self.shape,
-            Shape::Anonymous,
-            "artifact pushes use the anonymous registry"
+    /// Pushes the `arch` platform of `image` alone (its manifest, config and layers) to
+    /// `repo:tag` with skopeo, keeping digests.
+    pub fn push_platform(&self, image: &Image, arch: &str, repo: &str, tag: &str) {
+        require("skopeo");
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["--override-arch", arch, "--override-os", "linux", "copy"])
+            .args(["--preserve-digests", "--dest-tls-verify=false"])
+            .args(self.creds_args())
+            .arg(format!("oci:{}:{}", image.dir.display(), image.tag))
+            .arg(format!("docker://{}/{repo}:{tag}", self.host()));
+        run_ok(cmd, Duration::from_secs(180));
+    }
+
+    /// The `Authorization` a push to `repo` needs: Basic for htpasswd, a push token from
+    /// the issuer for token shapes, none for the anonymous registry.
+    async fn push_authorization(&self, client: &awc::Client, repo: &str) -> Option<String> {
+        let basic = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"))
         );
-        let client = awc::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .finish();
-        for blob in &artifact.blobs {
-            let start = client
-                .post(format!("{}/v2/{repo}/blobs/uploads/", self.url()))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(start.status(), 202, "blob upload start");
-            let location = start
-                .headers()
-                .get("location")
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .to_owned();
-            let sep = if location.contains('?') { '&' } else { '?' };
-            let put = client
-                .put(format!(
-                    "{location}{sep}digest={}",
-                    crate::images::sha256(blob)
-                ))
-                .insert_header(("content-type", "application/octet-stream"))
-                .send_body(blob.clone())
-                .await
-                .unwrap();
-            assert_eq!(put.status(), 201, "blob upload finish");
+        match self.shape {
+            Shape::Anonymous => None,
+            Shape::Htpasswd => Some(basic),
+            Shape::Token | Shape::TokenWithCdn => {
+                let realm = self.token_realm.as_ref().unwrap();
+                let mut answer = client
+                    .get(format!(
+                        "{realm}?service={SERVICE}&scope=repository:{repo}:pull,push"
+                    ))
+                    .insert_header(("authorization", basic))
+                    .send()
+                    .await
+                    .unwrap();
+                let doc: serde_json::Value = answer.json().await.unwrap();
+                Some(format!("Bearer {}", doc["token"].as_str().unwrap()))
+            }
         }
-        let put = client
-            .put(format!(
-                "{}/v2/{repo}/manifests/{}",
-                self.url(),
-                artifact.descriptor.digest
-            ))
-            .insert_header(("content-type", crate::images::OCI_MANIFEST))
-            .send_body(artifact.manifest.clone())
+    }
+
+    /// Uploads `blob` to `repo` (monolithic POST + PUT).
+    pub async fn push_blob(&self, repo: &str, blob: &[u8]) {
+        let client = push_client();
+        let auth = self.push_authorization(&client, repo).await;
+        let with_auth = |req: awc::ClientRequest| match &auth {
+            Some(a) => req.insert_header(("authorization", a.as_str())),
+            None => req,
+        };
+        let start = with_auth(client.post(format!("{}/v2/{repo}/blobs/uploads/", self.url())))
+            .send()
             .await
             .unwrap();
-        assert_eq!(put.status(), 201, "artifact manifest push");
+        assert_eq!(start.status(), 202, "blob upload start");
+        let location = start
+            .headers()
+            .get("location")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let put = with_auth(client.put(format!(
+            "{location}{sep}digest={}",
+            crate::images::sha256(blob)
+        )))
+        .insert_header(("content-type", "application/octet-stream"))
+        .send_body(blob.to_vec())
+        .await
+        .unwrap();
+        assert_eq!(put.status(), 201, "blob upload finish");
+    }
+
+    /// Puts `manifest` (of `media_type`) at `repo:reference` (a tag or its digest).
+    pub async fn push_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        manifest: &[u8],
+    ) {
+        let client = push_client();
+        let mut req = client
+            .put(format!("{}/v2/{repo}/manifests/{reference}", self.url()))
+            .insert_header(("content-type", media_type));
+        if let Some(auth) = self.push_authorization(&client, repo).await {
+            req = req.insert_header(("authorization", auth));
+        }
+        let put = req.send_body(manifest.to_vec()).await.unwrap();
+        assert_eq!(put.status(), 201, "manifest push to {repo}:{reference}");
+    }
+
+    /// Pushes an artifact (its blobs, then its manifest by digest) and the referrers tag
+    /// schema index for its subject.
+    pub async fn push_artifact(&self, repo: &str, artifact: &Artifact, subject_digest: &str) {
+        for blob in &artifact.blobs {
+            self.push_blob(repo, blob).await;
+        }
+        self.push_manifest(
+            repo,
+            &artifact.descriptor.digest,
+            crate::images::OCI_MANIFEST,
+            &artifact.manifest,
+        )
+        .await;
         let mut entry = artifact.descriptor.json();
         entry["artifactType"] = json!(artifact.artifact_type);
         let index = serde_json::to_vec(&json!({
@@ -360,13 +420,8 @@ impl Registry {
         }))
         .unwrap();
         let tag = subject_digest.replace(':', "-");
-        let put = client
-            .put(format!("{}/v2/{repo}/manifests/{tag}", self.url()))
-            .insert_header(("content-type", crate::images::OCI_INDEX))
-            .send_body(index)
-            .await
-            .unwrap();
-        assert_eq!(put.status(), 201, "referrers tag schema index push");
+        self.push_manifest(repo, &tag, crate::images::OCI_INDEX, &index)
+            .await;
     }
 }
 
@@ -389,8 +444,15 @@ pub fn skopeo_push(image: &Image, host: &str, repo: &str, tag: &str, creds: &[St
     run_ok(cmd, Duration::from_secs(180));
 }
 
-/// nginx serving the registry's storage root: what the redirect middleware points at.
-fn start_cdn(dir: &std::path::Path, root: &std::path::Path, port: u16) -> Proc {
+fn push_client() -> awc::Client {
+    awc::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .finish()
+}
+
+/// nginx serving `root` as static files on `port` (config and logs in `dir`): the
+/// registry's storage root, which the redirect middleware points at.
+pub fn start_cdn(dir: &std::path::Path, root: &std::path::Path, port: u16) -> Proc {
     require("nginx");
     let conf = dir.join("nginx.conf");
     let d = dir.display();
