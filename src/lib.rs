@@ -13,6 +13,7 @@ pub mod model;
 pub mod oci;
 pub mod placement;
 pub mod route;
+pub mod secret;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

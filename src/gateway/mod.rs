@@ -16,6 +16,8 @@ use actix_web::http::Method;
 use actix_web::HttpRequest;
 
 pub use knowledge::{Detected, Knowledge, Manifest};
+/// Pure manifest parsing, for the fuzz targets (`crate::fuzzing`).
+pub use manifests::{platform_manifest, references as manifest_references};
 
 use crate::api_error::ApiError;
 use crate::cluster::{ClusterState, Snapshot};
