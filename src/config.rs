@@ -462,7 +462,9 @@ impl Settings {
                     continue;
                 }
                 if let Some(path) = file {
-                    match std::fs::read_to_string(path) {
+                    match read_small_file(path, MAX_SECRET_FILE_BYTES)
+                        .and_then(|b| String::from_utf8(b).map_err(|_| "is not UTF-8".into()))
+                    {
                         Ok(text) if !text.trim_end_matches(['\n', '\r']).is_empty() => {
                             *value = Some(Secret::new(text.trim_end_matches(['\n', '\r'])));
                         }
@@ -472,7 +474,7 @@ impl Settings {
                         }),
                         Err(e) => out.push(Problem {
                             key: key(&format!("{name}_file")),
-                            reason: format!("cannot read '{path}': {e}"),
+                            reason: format!("'{path}': {e}"),
                         }),
                     }
                 }
@@ -717,12 +719,37 @@ fn is_host_and_port(s: &str) -> bool {
         && url::Url::parse(&format!("http://{s}/")).is_ok_and(|u| u.host_str().is_some())
 }
 
+/// Longest secret file read (`password_file`, `token_file`).
+const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+/// Longest CA bundle read (`tls_ca`); the public root store is about 250 KiB.
+const MAX_CA_BUNDLE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The contents of a regular file of at most `limit` bytes (a path naming a device or a
+/// huge file is refused rather than read forever).
+fn read_small_file(path: &str, limit: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("cannot read: {e}"))?;
+    if !meta.is_file() {
+        return Err("is not a regular file".into());
+    }
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("is larger than {limit} bytes"));
+    }
+    Ok(bytes)
+}
+
 /// The certificates of a PEM bundle, each one usable as a trust anchor.
 fn read_ca_bundle(path: &str) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
     use rustls_pki_types::pem::PemObject;
-    let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("cannot read '{path}': {e}"))?;
+    let bytes = read_small_file(path, MAX_CA_BUNDLE_BYTES).map_err(|e| format!("'{path}': {e}"))?;
+    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("'{path}': {e}"))?;
     if certs.is_empty() {
         return Err(format!("'{path}' holds no PEM certificate"));
     }
@@ -882,6 +909,161 @@ mod tests {
                 panic!("{file}: {e}");
             }
         }
+    }
+
+    #[test]
+    fn secrets_come_from_files_or_the_environment_and_never_show() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "from-a-file-s3cret\n").unwrap();
+        let text = format!(
+            r#"
+            [server]
+            listen = "127.0.0.1:0"
+            [admin]
+            listen = "127.0.0.1:0"
+            token = "admin-token-0123456789-s3cret"
+            [[backends]]
+            id = "a"
+            url = "https://a.example"
+            username = "alice"
+            password_file = "{}"
+            [[backends]]
+            id = "b"
+            url = "https://b.example"
+            token_env = "B_TOKEN"
+            token_realm_hosts = ["auth.b.example", "10.0.0.1:8443", "[::1]:5000"]
+            [[backends]]
+            id = "c"
+            url = "https://c.example"
+            username = "carol"
+            password = "inline-s3cret"
+        "#,
+            file.display()
+        );
+        let env = [("B_TOKEN".to_string(), "from-env-s3cret".to_string())];
+        let s = Settings::from_toml(&text, env).unwrap();
+        assert_eq!(
+            s.backends[0].password.as_ref().map(Secret::expose),
+            Some("from-a-file-s3cret"),
+            "the file's trailing newline is not part of the password"
+        );
+        assert_eq!(
+            s.backends[1].token.as_ref().map(Secret::expose),
+            Some("from-env-s3cret")
+        );
+        let debug = format!("{s:?}");
+        for secret in [
+            "from-a-file-s3cret",
+            "from-env-s3cret",
+            "inline-s3cret",
+            "admin-token-0123456789-s3cret",
+        ] {
+            assert!(!debug.contains(secret), "Debug shows {secret}: {debug}");
+        }
+        let topology = crate::topology::Topology::from_settings(&s);
+        let debug = format!("{topology:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(
+            s.warnings().is_empty(),
+            "https backends: {:?}",
+            s.warnings()
+        );
+    }
+
+    #[test]
+    fn credentials_in_urls_and_bad_secret_sources_are_refused() {
+        let text = r#"
+            [server]
+            listen = "127.0.0.1:0"
+            [[backends]]
+            id = "a"
+            url = "https://alice:url-s3cret@a.example"
+            [[backends]]
+            id = "b"
+            url = "http://alice:url-s3cret@b.example:99999999"
+            [[backends]]
+            id = "c"
+            url = "https://c.example"
+            username = "carol"
+            password = "x"
+            password_env = "C_PASSWORD"
+            [[backends]]
+            id = "d"
+            url = "https://d.example"
+            token_env = "NOT_SET_ANYWHERE"
+            token_realm_hosts = ["https://auth.example/token", ""]
+            [[backends]]
+            id = "e"
+            url = "https://e.example"
+            username = "erin"
+            password_file = "/nonexistent/password"
+            tls_ca = "/nonexistent/ca.pem"
+        "#;
+        let ConfigError::Invalid(problems) = Settings::from_toml(text, []).unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        let shown = format!("{problems:?}");
+        assert!(!shown.contains("url-s3cret"), "{shown}");
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for want in [
+            "backends[0].url",
+            "backends[1].url",
+            "backends[2].password",
+            "backends[3].token_env",
+            "backends[3].token_realm_hosts[0]",
+            "backends[3].token_realm_hosts[1]",
+            "backends[4].password_file",
+            "backends[4].tls_ca",
+        ] {
+            assert!(keys.contains(&want), "missing {want} in {problems:?}");
+        }
+        let url = problems
+            .iter()
+            .find(|p| p.key == "backends[0].url")
+            .unwrap();
+        assert!(url.reason.contains("credentials"), "{url}");
+
+        // A mistyped secret is not echoed back either.
+        let typed = "[server]\nlisten = \"127.0.0.1:0\"\n[[backends]]\nid = \"a\"\nurl = \"https://a\"\nusername = \"u\"\npassword = [\"918273645\"]\n";
+        let err = Settings::from_toml(typed, []).unwrap_err().to_string();
+        assert!(!err.contains("918273645"), "{err}");
+    }
+
+    #[test]
+    fn secret_files_must_be_small_regular_files() {
+        let text = "[server]\nlisten = \"127.0.0.1:0\"\n[[backends]]\nid = \"a\"\nurl = \"https://a\"\nusername = \"u\"\npassword_file = \"/dev/zero\"\ntls_ca = \"/dev/zero\"\n";
+        let ConfigError::Invalid(problems) = Settings::from_toml(text, []).unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"backends[0].password_file"), "{problems:?}");
+        assert!(keys.contains(&"backends[0].tls_ca"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_ca_bundle_must_hold_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("ca.pem");
+        std::fs::write(&bundle, "not a certificate\n").unwrap();
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[[backends]]\nid = \"a\"\nurl = \"https://a\"\ntls_ca = \"{}\"\n",
+            bundle.display()
+        );
+        let ConfigError::Invalid(problems) = Settings::from_toml(&text, []).unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "backends[0].tls_ca");
+    }
+
+    #[test]
+    fn credentials_over_plain_http_are_a_warning() {
+        let s = load_str(GOOD, &[]).unwrap();
+        let warnings = s.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].key, "backends[0].url");
+        assert!(warnings[0].reason.contains("plain http"), "{}", warnings[0]);
     }
 
     #[test]

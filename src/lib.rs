@@ -6,6 +6,8 @@ pub mod admin_cli;
 pub mod api_error;
 pub mod cluster;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod health;
 pub mod metrics;
