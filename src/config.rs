@@ -558,7 +558,8 @@ impl Settings {
         }
         if let StoreSettings::Redis { url } = &self.store {
             if let Err(reason) = crate::store::RedisTarget::parse(url) {
-                problem("store.url".into(), reason);
+                // The reason quotes the URL: never with its password.
+                problem("store.url".into(), reason.replace(url, &redact_url(url)));
             }
         }
         if let Some(listen) = &self.admin.listen {
@@ -1023,6 +1024,13 @@ mod tests {
             .find(|p| p.key == "backends[0].url")
             .unwrap();
         assert!(url.reason.contains("credentials"), "{url}");
+
+        let redis = "[server]\nlisten = \"127.0.0.1:0\"\n[store]\ntype = \"redis\"\nurl = \"http://:redis-s3cret@127.0.0.1:6379\"\n";
+        let err = Settings::from_toml(redis, []).unwrap_err().to_string();
+        assert!(
+            err.contains("store.url") && !err.contains("redis-s3cret"),
+            "{err}"
+        );
 
         // A mistyped secret is not echoed back either.
         let typed = "[server]\nlisten = \"127.0.0.1:0\"\n[[backends]]\nid = \"a\"\nurl = \"https://a\"\nusername = \"u\"\npassword = [\"918273645\"]\n";

@@ -13,8 +13,11 @@ use crate::oci::{Algorithm, Digest, Reference, RepoName, Tag};
 use crate::route::Route;
 use crate::upstream::{self, Challenge};
 
+/// A target: arbitrary bytes in, a panic when an invariant breaks.
+pub type Target = fn(&[u8]);
+
 /// Every target by name: the fuzz crate has one `fuzz_targets/<name>.rs` per entry.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("route", route),
     ("oci", oci),
     ("challenge", challenge),

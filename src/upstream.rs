@@ -748,4 +748,117 @@ mod tests {
         assert!(!realm_ok("https://a", "http://b/token", &["b"]));
         assert!(!realm_ok("https://a", "ftp://a/token", &[]));
     }
+
+    /// Every `Location` the gateway sends a client for a blob: `blob_url` for `direct`
+    /// backends, `redirect_target` for a URL a backend redirected the gateway to.
+    mod locations {
+        use proptest::prelude::*;
+
+        use super::super::{blob_url, redirect_target};
+        use crate::oci::{Digest, RepoName};
+
+        fn backend_base() -> impl Strategy<Value = String> {
+            let host = prop_oneof![
+                Just("127.0.0.1".to_owned()),
+                Just("[::1]".to_owned()),
+                Just("registry-1.docker.io".to_owned()),
+                "[a-z][a-z0-9-]{0,8}(\\.[a-z]{2,4}){0,2}",
+            ];
+            let port = prop_oneof![Just(String::new()), (1u16..).prop_map(|p| format!(":{p}"))];
+            (prop_oneof![Just("http"), Just("https")], host, port)
+                .prop_map(|(scheme, host, port)| format!("{scheme}://{host}{port}"))
+        }
+
+        fn repo() -> impl Strategy<Value = RepoName> {
+            proptest::collection::vec("[a-z0-9]{1,6}([._-][a-z0-9]{1,4}){0,2}", 2..5)
+                .prop_filter_map("a valid name", |parts| {
+                    RepoName::parse(&parts.join("/")).ok()
+                })
+        }
+
+        fn digest() -> impl Strategy<Value = Digest> {
+            "[0-9a-f]{64}".prop_map(|hex| Digest::parse(&format!("sha256:{hex}")).unwrap())
+        }
+
+        /// What a backend might put in `Location`: anything, and pieces that URL parsers
+        /// treat specially (scheme-relative, backslashes, user information, dot segments).
+        fn location() -> impl Strategy<Value = String> {
+            let piece = prop_oneof![
+                Just("/"),
+                Just("//"),
+                Just("\\"),
+                Just("@"),
+                Just(":"),
+                Just("?"),
+                Just("#"),
+                Just(".."),
+                Just("."),
+                Just("%2f"),
+                Just("%40"),
+                Just(" "),
+                Just("\t"),
+                Just("http:"),
+                Just("https:"),
+                Just("https://"),
+                Just("evil.example"),
+                Just("127.0.0.2:8080"),
+                Just("[::2]"),
+                Just("cdn"),
+                Just("x"),
+                Just("user:pass"),
+                Just("blobs/sha256/ab/data"),
+            ];
+            prop_oneof![
+                any::<String>(),
+                proptest::collection::vec(piece, 0..8).prop_map(|p| p.concat()),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn direct_locations_stay_on_the_backend(
+                base in backend_base(),
+                repo in repo(),
+                digest in digest(),
+            ) {
+                let backend = url::Url::parse(&base).unwrap();
+                let location = url::Url::parse(&blob_url(&base, repo.as_str(), &digest)).unwrap();
+                prop_assert_eq!(location.scheme(), backend.scheme());
+                prop_assert_eq!(location.host_str(), backend.host_str());
+                prop_assert_eq!(location.port_or_known_default(), backend.port_or_known_default());
+                prop_assert!(location.username().is_empty() && location.password().is_none());
+                prop_assert_eq!(location.path(), format!("/v2/{repo}/blobs/{digest}"));
+                prop_assert!(location.query().is_none() && location.fragment().is_none());
+            }
+
+            #[test]
+            fn resolved_locations_point_at_the_backend_or_where_it_said(
+                base in backend_base(),
+                raw in location(),
+            ) {
+                let backend = url::Url::parse(&base).unwrap();
+                let Ok(target) = redirect_target(&base, &raw) else {
+                    return Ok(());
+                };
+                let target = url::Url::parse(&target).expect("an absolute URL");
+                // Where the same Location leads from a stand-in base of the same scheme:
+                // whether the backend's answer names a host of its own.
+                let probe = url::Url::parse(&format!("{}://regatta-probe.invalid/", backend.scheme()))
+                    .unwrap()
+                    .join(&raw)
+                    .expect("resolves from the backend, so from the probe too");
+                if probe.host_str() == Some("regatta-probe.invalid") {
+                    prop_assert_eq!(target.scheme(), backend.scheme());
+                    prop_assert_eq!(target.host_str(), backend.host_str());
+                    prop_assert_eq!(target.port_or_known_default(), backend.port_or_known_default());
+                    prop_assert!(target.username().is_empty() && target.password().is_none());
+                } else {
+                    prop_assert_eq!(target.host_str(), probe.host_str(), "{:?}", raw);
+                    prop_assert_eq!(target.port(), probe.port());
+                }
+            }
+        }
+    }
 }

@@ -19,3 +19,4 @@ mod observability;
 mod placement;
 mod plan;
 mod pulls;
+mod secrets;

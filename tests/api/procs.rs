@@ -141,3 +141,64 @@ pub fn self_signed_cert(dir: &Path, common_name: &str) -> (std::path::PathBuf, s
     run_ok(cmd, Duration::from_secs(60));
     (cert, key)
 }
+
+/// A test certificate authority and a server certificate for 127.0.0.1 it signed, written
+/// to `dir`: returns (CA certificate, server certificate, server key), all PEM. For clients
+/// that, like rustls, refuse a self-signed CA certificate as a server's own.
+pub fn test_ca_and_server_cert(
+    dir: &Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    require("openssl");
+    let (ca, ca_key) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+    let (cert, key, csr) = (
+        dir.join("server.pem"),
+        dir.join("server-key.pem"),
+        dir.join("server.csr"),
+    );
+    let ext = dir.join("server.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+    ])
+    .args(["-subj", "/CN=regatta-test-ca"])
+    .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+    .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+    .arg("-keyout")
+    .arg(&ca_key)
+    .arg("-out")
+    .arg(&ca);
+    run_ok(cmd, Duration::from_secs(60));
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+    ])
+    .arg("-keyout")
+    .arg(&key)
+    .arg("-out")
+    .arg(&csr);
+    run_ok(cmd, Duration::from_secs(60));
+    let mut cmd = Command::new("openssl");
+    cmd.args(["x509", "-req", "-days", "2", "-set_serial", "2"])
+        .arg("-in")
+        .arg(&csr)
+        .arg("-CA")
+        .arg(&ca)
+        .arg("-CAkey")
+        .arg(&ca_key)
+        .arg("-extfile")
+        .arg(&ext)
+        .arg("-out")
+        .arg(&cert);
+    run_ok(cmd, Duration::from_secs(60));
+    (ca, cert, key)
+}
