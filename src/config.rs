@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::model::{Delivery, OrgPolicy};
+use crate::secret::{redact_url, Secret};
 
 /// Where the default configuration lives when no file is named.
 pub const DEFAULT_CONFIG: &str = "config/default.toml";
@@ -191,7 +192,7 @@ pub struct AdminSettings {
     /// Address of the admin listener, e.g. `127.0.0.1:5001`.
     pub listen: Option<String>,
     /// Bearer token every admin call must carry (required when `listen` is set).
-    pub token: Option<String>,
+    pub token: Option<Secret>,
 }
 
 /// Active health checks. One node per interval probes each backend (a lease in the store)
@@ -390,11 +391,34 @@ pub struct BackendSettings {
     /// Credentials for the backend: Basic, or the account for its token service.
     #[serde(default)]
     pub username: Option<String>,
+    /// The password itself; or `password_file` (a file holding it, e.g. a mounted
+    /// Kubernetes secret) or `password_env` (the environment variable holding it). After
+    /// loading, `password` holds the value whichever way it was given.
     #[serde(default)]
-    pub password: Option<String>,
-    /// A static bearer token sent as is (no token service round trip).
+    pub password: Option<Secret>,
     #[serde(default)]
-    pub token: Option<String>,
+    pub password_file: Option<String>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// A static bearer token sent as is (no token service round trip); or `token_file` /
+    /// `token_env`, as for the password.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    #[serde(default)]
+    pub token_file: Option<String>,
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// Hosts besides the backend's own that may receive its credentials as a token realm
+    /// (`auth.docker.io` for Docker Hub). `host` or `host:port`.
+    #[serde(default)]
+    pub token_realm_hosts: Vec<String>,
+    /// A PEM bundle of CA certificates trusted for this backend (and its token realm and
+    /// redirects) besides the public roots: a registry on a private CA.
+    #[serde(default)]
+    pub tls_ca: Option<String>,
+    /// The certificates of `tls_ca`, read when the settings are loaded.
+    #[serde(skip)]
+    pub tls_ca_certs: Vec<rustls_pki_types::CertificateDer<'static>>,
     /// Preference among otherwise equal backends; 0 means "only when nothing else can".
     #[serde(default = "default_weight")]
     pub weight: u32,
@@ -466,13 +490,15 @@ pub enum ConfigError {
 
 impl Settings {
     /// Reads `file` (or `config/default.toml` when it exists and no file is named), applies
-    /// `REGATTA__*` overrides from `env`, and validates the result.
+    /// `REGATTA__*` overrides from `env`, reads credentials given as files or environment
+    /// variables (`password_env` and `token_env` are looked up in `env` too), and validates
+    /// the result.
     pub fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        let mut builder = config::Config::builder();
-        match file {
+        let builder = config::Config::builder();
+        let builder = match file {
             Some(path) => {
                 if !path.exists() {
                     return Err(ConfigError::Load(format!(
@@ -480,36 +506,134 @@ impl Settings {
                         path.display()
                     )));
                 }
-                builder = builder.add_source(config::File::from(path).required(true));
+                builder.add_source(config::File::from(path).required(true))
             }
-            None => {
-                builder =
-                    builder.add_source(config::File::with_name(DEFAULT_CONFIG).required(false))
-            }
-        }
-        let env: config::Map<String, String> = env
-            .into_iter()
+            None => builder.add_source(config::File::with_name(DEFAULT_CONFIG).required(false)),
+        };
+        Self::build(builder, env)
+    }
+
+    /// The same as `load` for configuration text already in memory (TOML).
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let source = config::File::from_str(text, config::FileFormat::Toml);
+        Self::build(config::Config::builder().add_source(source), env)
+    }
+
+    fn build(
+        builder: config::ConfigBuilder<config::builder::DefaultState>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let env: BTreeMap<String, String> = env.into_iter().collect();
+        let overrides: config::Map<String, String> = env
+            .iter()
             .filter(|(k, _)| k.starts_with("REGATTA__"))
-            .map(|(k, v)| (indexed_env_key(&k), v))
+            .map(|(k, v)| (indexed_env_key(k), v.clone()))
             .collect();
-        builder = builder.add_source(
+        let builder = builder.add_source(
             config::Environment::with_prefix("REGATTA")
                 .prefix_separator("__")
                 .separator("__")
-                .source(Some(env)),
+                .source(Some(overrides)),
         );
         let raw = builder
             .build()
             .map_err(|e| ConfigError::Load(e.to_string()))?;
-        let settings: Settings = raw
+        let mut settings: Settings = raw
             .try_deserialize()
             .map_err(|e| ConfigError::Invalid(vec![problem_from_serde(&e)]))?;
-        let problems = settings.problems();
+        let mut problems = settings.read_backend_files(&env);
+        problems.extend(settings.problems());
         if problems.is_empty() {
             Ok(settings)
         } else {
             Err(ConfigError::Invalid(problems))
         }
+    }
+
+    /// Fills each backend's `password` and `token` from `*_file` / `*_env` and reads its
+    /// `tls_ca` bundle. Each problem names the key it comes from.
+    fn read_backend_files(&mut self, env: &BTreeMap<String, String>) -> Vec<Problem> {
+        let mut out = Vec::new();
+        for (i, b) in self.backends.iter_mut().enumerate() {
+            let key = |field: &str| format!("backends[{i}].{field}");
+            let sources = [
+                (
+                    "password",
+                    &mut b.password,
+                    &b.password_file,
+                    &b.password_env,
+                ),
+                ("token", &mut b.token, &b.token_file, &b.token_env),
+            ];
+            for (name, value, file, var) in sources {
+                let given = usize::from(value.is_some())
+                    + usize::from(file.is_some())
+                    + usize::from(var.is_some());
+                if given > 1 {
+                    out.push(Problem {
+                        key: key(name),
+                        reason: format!("set only one of {name}, {name}_file, {name}_env"),
+                    });
+                    continue;
+                }
+                if let Some(path) = file {
+                    match read_small_file(path, MAX_SECRET_FILE_BYTES)
+                        .and_then(|b| String::from_utf8(b).map_err(|_| "is not UTF-8".into()))
+                    {
+                        Ok(text) if !text.trim_end_matches(['\n', '\r']).is_empty() => {
+                            *value = Some(Secret::new(text.trim_end_matches(['\n', '\r'])));
+                        }
+                        Ok(_) => out.push(Problem {
+                            key: key(&format!("{name}_file")),
+                            reason: format!("'{path}' is empty"),
+                        }),
+                        Err(e) => out.push(Problem {
+                            key: key(&format!("{name}_file")),
+                            reason: format!("'{path}': {e}"),
+                        }),
+                    }
+                }
+                if let Some(var) = var {
+                    match env.get(var) {
+                        Some(v) if !v.is_empty() => *value = Some(Secret::new(v.clone())),
+                        _ => out.push(Problem {
+                            key: key(&format!("{name}_env")),
+                            reason: format!("environment variable '{var}' is not set"),
+                        }),
+                    }
+                }
+            }
+            if let Some(path) = &b.tls_ca {
+                match read_ca_bundle(path) {
+                    Ok(certs) => b.tls_ca_certs = certs,
+                    Err(reason) => out.push(Problem {
+                        key: key("tls_ca"),
+                        reason,
+                    }),
+                }
+            }
+        }
+        out
+    }
+
+    /// What is allowed but unwise: printed by `check-config` and logged at startup.
+    pub fn warnings(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let has_credentials = b.username.is_some() || b.token.is_some();
+            if has_credentials && b.url.to_ascii_lowercase().starts_with("http://") {
+                out.push(Problem {
+                    key: format!("backends[{i}].url"),
+                    reason: "credentials for this backend travel over plain http; \
+                             use https (with tls_ca for a private CA)"
+                        .into(),
+                });
+            }
+        }
+        out
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
@@ -565,7 +689,7 @@ impl Settings {
                     "admin.token".into(),
                     "required when admin.listen is set".into(),
                 ),
-                Some(t) if t.len() < 16 => problem(
+                Some(t) if t.expose().len() < 16 => problem(
                     "admin.token".into(),
                     "must be at least 16 characters".into(),
                 ),
@@ -633,6 +757,12 @@ impl Settings {
                     key("url"),
                     format!("scheme '{}' is not http or https", u.scheme()),
                 ),
+                Ok(u) if !u.username().is_empty() || u.password().is_some() => problem(
+                    key("url"),
+                    "must not carry credentials (user:password@); use username with \
+                     password, password_file or password_env, or token"
+                        .into(),
+                ),
                 Ok(u) if u.query().is_some() || u.fragment().is_some() => {
                     problem(key("url"), "must not carry a query or fragment".into())
                 }
@@ -641,7 +771,18 @@ impl Settings {
                     "must be the registry's root (the part before /v2/)".into(),
                 ),
                 Ok(_) => {}
-                Err(e) => problem(key("url"), format!("'{}' is not a URL: {e}", b.url)),
+                Err(e) => problem(
+                    key("url"),
+                    format!("'{}' is not a URL: {e}", redact_url(&b.url)),
+                ),
+            }
+            for (j, host) in b.token_realm_hosts.iter().enumerate() {
+                if !is_host_and_port(host) {
+                    problem(
+                        key(&format!("token_realm_hosts[{j}]")),
+                        format!("'{host}' is not a host name or host:port"),
+                    );
+                }
             }
             if b.username.is_some() != b.password.is_some() {
                 problem(key("password"), "username and password go together".into());
@@ -691,6 +832,57 @@ impl Settings {
     }
 }
 
+/// `registry.example.com`, `10.0.0.1:5000`, `[::1]:443`: a host with an optional port and
+/// nothing else.
+fn is_host_and_port(s: &str) -> bool {
+    !s.is_empty()
+        && !s.contains(['/', '@', '?', '#', ' '])
+        && url::Url::parse(&format!("http://{s}/")).is_ok_and(|u| u.host_str().is_some())
+}
+
+/// Longest secret file read (`password_file`, `token_file`).
+const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+/// Longest CA bundle read (`tls_ca`); the public root store is about 250 KiB.
+const MAX_CA_BUNDLE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The contents of a regular file of at most `limit` bytes (a path naming a device or a
+/// huge file is refused rather than read forever).
+fn read_small_file(path: &str, limit: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("cannot read: {e}"))?;
+    if !meta.is_file() {
+        return Err("is not a regular file".into());
+    }
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("is larger than {limit} bytes"));
+    }
+    Ok(bytes)
+}
+
+/// The certificates of a PEM bundle, each one usable as a trust anchor.
+fn read_ca_bundle(path: &str) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
+    use rustls_pki_types::pem::PemObject;
+    let bytes = read_small_file(path, MAX_CA_BUNDLE_BYTES).map_err(|e| format!("'{path}': {e}"))?;
+    let certs = rustls_pki_types::CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("'{path}': {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("'{path}' holds no PEM certificate"));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in &certs {
+        roots
+            .add(cert.clone())
+            .map_err(|e| format!("'{path}': a certificate is not usable as a CA: {e}"))?;
+    }
+    Ok(certs)
+}
+
 fn is_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
@@ -703,9 +895,15 @@ fn problem_from_serde(e: &config::ConfigError) -> Problem {
     let text = e.to_string();
     if let Some((reason, rest)) = text.split_once(" for key `") {
         if let Some((key, _)) = rest.split_once('`') {
+            // A mistyped secret must not be echoed back.
+            let secret = key.ends_with("password") || key.ends_with("token");
             return Problem {
                 key: key.to_owned(),
-                reason: reason.to_owned(),
+                reason: if secret {
+                    "must be a string (value not shown)".into()
+                } else {
+                    reason.to_owned()
+                },
             };
         }
     }
@@ -808,11 +1006,11 @@ mod tests {
         assert_eq!(s.backends.len(), 2);
         assert_eq!(s.backends[0].id, "hub");
         assert_eq!(s.backends[0].username.as_deref(), Some("alice"));
-        assert_eq!(s.backends[0].password.as_deref(), Some("rotated"));
+        assert_eq!(s.backends[0].password.as_ref().map(|p| p.expose()), Some("rotated"));
         assert_eq!(s.backends[0].delivery, Delivery::Resolve);
         assert_eq!(s.backends[1].id, "mirror");
         assert_eq!(s.backends[1].username.as_deref(), Some("bot"));
-        assert_eq!(s.backends[1].password.as_deref(), Some("from-a-secret"));
+        assert_eq!(s.backends[1].password.as_ref().map(|p| p.expose()), Some("from-a-secret"));
         assert_eq!(s.orgs[0].backends, ["hub", "mirror"]);
     }
 
@@ -875,6 +1073,168 @@ mod tests {
                 panic!("{file}: {e}");
             }
         }
+    }
+
+    #[test]
+    fn secrets_come_from_files_or_the_environment_and_never_show() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "from-a-file-s3cret\n").unwrap();
+        let text = format!(
+            r#"
+            [server]
+            listen = "127.0.0.1:0"
+            [admin]
+            listen = "127.0.0.1:0"
+            token = "admin-token-0123456789-s3cret"
+            [[backends]]
+            id = "a"
+            url = "https://a.example"
+            username = "alice"
+            password_file = "{}"
+            [[backends]]
+            id = "b"
+            url = "https://b.example"
+            token_env = "B_TOKEN"
+            token_realm_hosts = ["auth.b.example", "10.0.0.1:8443", "[::1]:5000"]
+            [[backends]]
+            id = "c"
+            url = "https://c.example"
+            username = "carol"
+            password = "inline-s3cret"
+        "#,
+            file.display()
+        );
+        let env = [("B_TOKEN".to_string(), "from-env-s3cret".to_string())];
+        let s = Settings::from_toml(&text, env).unwrap();
+        assert_eq!(
+            s.backends[0].password.as_ref().map(Secret::expose),
+            Some("from-a-file-s3cret"),
+            "the file's trailing newline is not part of the password"
+        );
+        assert_eq!(
+            s.backends[1].token.as_ref().map(Secret::expose),
+            Some("from-env-s3cret")
+        );
+        let debug = format!("{s:?}");
+        for secret in [
+            "from-a-file-s3cret",
+            "from-env-s3cret",
+            "inline-s3cret",
+            "admin-token-0123456789-s3cret",
+        ] {
+            assert!(!debug.contains(secret), "Debug shows {secret}: {debug}");
+        }
+        let topology = crate::topology::Topology::from_settings(&s);
+        let debug = format!("{topology:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(
+            s.warnings().is_empty(),
+            "https backends: {:?}",
+            s.warnings()
+        );
+    }
+
+    #[test]
+    fn credentials_in_urls_and_bad_secret_sources_are_refused() {
+        let text = r#"
+            [server]
+            listen = "127.0.0.1:0"
+            [[backends]]
+            id = "a"
+            url = "https://alice:url-s3cret@a.example"
+            [[backends]]
+            id = "b"
+            url = "http://alice:url-s3cret@b.example:99999999"
+            [[backends]]
+            id = "c"
+            url = "https://c.example"
+            username = "carol"
+            password = "x"
+            password_env = "C_PASSWORD"
+            [[backends]]
+            id = "d"
+            url = "https://d.example"
+            token_env = "NOT_SET_ANYWHERE"
+            token_realm_hosts = ["https://auth.example/token", ""]
+            [[backends]]
+            id = "e"
+            url = "https://e.example"
+            username = "erin"
+            password_file = "/nonexistent/password"
+            tls_ca = "/nonexistent/ca.pem"
+        "#;
+        let ConfigError::Invalid(problems) = Settings::from_toml(text, []).unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        let shown = format!("{problems:?}");
+        assert!(!shown.contains("url-s3cret"), "{shown}");
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for want in [
+            "backends[0].url",
+            "backends[1].url",
+            "backends[2].password",
+            "backends[3].token_env",
+            "backends[3].token_realm_hosts[0]",
+            "backends[3].token_realm_hosts[1]",
+            "backends[4].password_file",
+            "backends[4].tls_ca",
+        ] {
+            assert!(keys.contains(&want), "missing {want} in {problems:?}");
+        }
+        let url = problems
+            .iter()
+            .find(|p| p.key == "backends[0].url")
+            .unwrap();
+        assert!(url.reason.contains("credentials"), "{url}");
+
+        let redis = "[server]\nlisten = \"127.0.0.1:0\"\n[store]\ntype = \"redis\"\nurl = \"http://:redis-s3cret@127.0.0.1:6379\"\n";
+        let err = Settings::from_toml(redis, []).unwrap_err().to_string();
+        assert!(
+            err.contains("store.url") && !err.contains("redis-s3cret"),
+            "{err}"
+        );
+
+        // A mistyped secret is not echoed back either.
+        let typed = "[server]\nlisten = \"127.0.0.1:0\"\n[[backends]]\nid = \"a\"\nurl = \"https://a\"\nusername = \"u\"\npassword = [\"918273645\"]\n";
+        let err = Settings::from_toml(typed, []).unwrap_err().to_string();
+        assert!(!err.contains("918273645"), "{err}");
+    }
+
+    #[test]
+    fn secret_files_must_be_small_regular_files() {
+        let text = "[server]\nlisten = \"127.0.0.1:0\"\n[[backends]]\nid = \"a\"\nurl = \"https://a\"\nusername = \"u\"\npassword_file = \"/dev/zero\"\ntls_ca = \"/dev/zero\"\n";
+        let ConfigError::Invalid(problems) = Settings::from_toml(text, []).unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"backends[0].password_file"), "{problems:?}");
+        assert!(keys.contains(&"backends[0].tls_ca"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_ca_bundle_must_hold_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("ca.pem");
+        std::fs::write(&bundle, "not a certificate\n").unwrap();
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[[backends]]\nid = \"a\"\nurl = \"https://a\"\ntls_ca = \"{}\"\n",
+            bundle.display()
+        );
+        let ConfigError::Invalid(problems) = Settings::from_toml(&text, []).unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "backends[0].tls_ca");
+    }
+
+    #[test]
+    fn credentials_over_plain_http_are_a_warning() {
+        let s = load_str(GOOD, &[]).unwrap();
+        let warnings = s.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].key, "backends[0].url");
+        assert!(warnings[0].reason.contains("plain http"), "{}", warnings[0]);
     }
 
     #[test]

@@ -229,7 +229,7 @@ async fn fetch_canary(
     let base = url::Url::parse(&format!("{}/", backend.base)).map_err(|e| e.to_string())?;
     let target = base.join(location).map_err(|e| e.to_string())?;
     let redirected = up
-        .get_absolute(target.as_str())
+        .get_absolute(backend, target.as_str())
         .insert_header((header::RANGE, "bytes=0-0"))
         .send()
         .await

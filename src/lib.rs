@@ -6,6 +6,8 @@ pub mod admin_cli;
 pub mod api_error;
 pub mod cluster;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod health;
 pub mod limits;
@@ -15,6 +17,7 @@ pub mod oci;
 pub mod placement;
 pub mod readiness;
 pub mod route;
+pub mod secret;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -63,6 +63,10 @@ fn main() -> ExitCode {
         },
         Command::CheckConfig { file } => match Settings::load(Some(&file), std::env::vars()) {
             Ok(s) => {
+                // Warnings are allowed: printed, and the check still passes.
+                for warning in s.warnings() {
+                    eprintln!("{}: warning: {warning}", file.display());
+                }
                 println!(
                     "{}: ok ({} backends, {} orgs)",
                     file.display(),
@@ -100,6 +104,9 @@ fn main() -> ExitCode {
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     let telemetry = regatta::telemetry::init(&settings.log, &settings.tracing);
     let grace = settings.server.shutdown_grace;
+    for warning in settings.warnings() {
+        tracing::warn!(key = %warning.key, "{}", warning.reason);
+    }
     let app = Application::build(settings)?;
     tracing::info!(addr = %app.addr(), "registry API listening");
     println!("regatta listening on http://{}", app.addr());

@@ -87,7 +87,7 @@ impl Application {
                 let listener = TcpListener::bind(listen)
                     .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (admin): {e}"))?;
                 let admin_addr = listener.local_addr()?;
-                let token = web::Data::new(AdminToken(token.clone()));
+                let token = web::Data::new(AdminToken(token.expose().to_owned()));
                 let admin_gateway = gateway.clone();
                 let server = HttpServer::new(move || {
                     App::new()

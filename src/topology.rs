@@ -12,12 +12,14 @@ use crate::config::Settings;
 pub use crate::model::BackendIdx;
 use crate::model::{Delivery, OrgPolicy};
 use crate::oci::RepoName;
+use crate::secret::Secret;
 
+/// A backend's credentials. Their `Debug` shows no secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credentials {
     Anonymous,
-    Basic { username: String, password: String },
-    StaticToken(String),
+    Basic { username: String, password: Secret },
+    StaticToken(Secret),
 }
 
 #[derive(Debug)]
@@ -32,6 +34,11 @@ pub struct Backend {
     pub weight: u32,
     /// Canary blob for health checks: (repository on this backend, digest).
     pub canary: Option<(String, String)>,
+    /// Hosts besides the backend's own that may receive its credentials as a token realm.
+    pub token_realm_hosts: Vec<String>,
+    /// TLS trust for this backend when it names a CA bundle (`tls_ca`): the public roots
+    /// plus that bundle. `None`: the public roots.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 #[derive(Debug)]
@@ -118,6 +125,8 @@ impl Topology {
                     .as_ref()
                     .and_then(|c| c.split_once('@'))
                     .map(|(r, d)| (r.to_owned(), d.to_owned())),
+                token_realm_hosts: b.token_realm_hosts.clone(),
+                tls: (!b.tls_ca_certs.is_empty()).then(|| tls_trusting(&b.tls_ca_certs)),
             })
             .collect();
         Topology {
@@ -133,4 +142,24 @@ impl Topology {
     pub fn backend(&self, idx: BackendIdx) -> &Backend {
         &self.backends[idx]
     }
+}
+
+/// A TLS client configuration trusting the public (webpki) roots and `extra` CAs, with the
+/// ALPN protocols awc offers by default.
+fn tls_trusting(extra: &[rustls_pki_types::CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    // Each was checked when the settings were loaded (`backends[].tls_ca`).
+    let (_added, _unusable) = roots.add_parsable_certificates(extra.iter().cloned());
+    // The provider is named here rather than taken from the process default, which may
+    // not be installed yet when settings are turned into a topology.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
 }

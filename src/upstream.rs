@@ -4,7 +4,14 @@
 //!
 //! One `Upstream` per worker thread (awc clients are not `Send`); the token and challenge
 //! caches are shared by all workers through `AuthCache`.
+//!
+//! Credentials leave the node only for the backend itself or for a token realm on the
+//! backend's own host or a host listed in its `token_realm_hosts`, and never from an https
+//! backend to an http realm (`realm_may_receive_credentials`). Every number a backend sends
+//! (token lifetimes here) is used with checked or saturating arithmetic.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,6 +55,8 @@ pub enum Challenge {
 pub struct AuthCache {
     challenges: Cache<BackendIdx, Challenge>,
     tokens: Cache<(BackendIdx, String), (Arc<str>, Instant)>,
+    /// Realms refused credentials, so each refusal is logged once per backend and realm.
+    refused_realms: Cache<(BackendIdx, String), ()>,
 }
 
 impl AuthCache {
@@ -60,6 +69,7 @@ impl AuthCache {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(3600))
                 .build(),
+            refused_realms: Cache::builder().max_capacity(1024).build(),
         }
     }
 }
@@ -72,6 +82,9 @@ impl Default for AuthCache {
 
 pub struct Upstream {
     client: awc::Client,
+    /// Clients of backends that trust a CA of their own (`tls_ca`), made on first use.
+    tls_clients: RefCell<HashMap<BackendIdx, awc::Client>>,
+    settings: UpstreamSettings,
     auth: Arc<AuthCache>,
     /// Longest wait for body bytes from a backend (see `UpstreamSettings::read_timeout`).
     read_timeout: Duration,
@@ -108,23 +121,26 @@ impl<'a> Call<'a> {
 
 impl Upstream {
     pub fn new(settings: &UpstreamSettings, auth: Arc<AuthCache>) -> Self {
-        // No pool-wide limit: a backend that stalls must not hold connections another
-        // backend needs. Every call is bounded by the timeouts and the request deadline.
-        let connector = awc::Connector::new()
-            .timeout(settings.connect_timeout)
-            .limit(0);
-        let client = awc::Client::builder()
-            .connector(connector)
-            .timeout(settings.request_timeout)
-            .disable_redirects()
-            .no_default_headers()
-            .add_default_header((header::USER_AGENT, USER_AGENT))
-            .finish();
         Upstream {
-            client,
+            client: make_client(settings, None),
+            tls_clients: RefCell::new(HashMap::new()),
+            settings: settings.clone(),
             auth,
             read_timeout: settings.read_timeout,
         }
+    }
+
+    /// The client for calls to `backend` and to URLs it sends the gateway to: the shared
+    /// one, or one trusting the backend's own CA.
+    fn client(&self, backend: &Backend) -> awc::Client {
+        let Some(tls) = &backend.tls else {
+            return self.client.clone();
+        };
+        self.tls_clients
+            .borrow_mut()
+            .entry(backend.idx)
+            .or_insert_with(|| make_client(&self.settings, Some(tls.clone())))
+            .clone()
     }
 
     /// Longest wait for body bytes from a backend: the whole body of a document (manifest,
@@ -176,9 +192,10 @@ impl Upstream {
         self.send_once(backend, call, None).await
     }
 
-    /// A GET to a URL outside any backend's API (a pre-signed URL); no credentials.
-    pub fn get_absolute(&self, url: &str) -> awc::ClientRequest {
-        self.client.get(url).no_decompress()
+    /// A GET to a URL outside any backend's API that `backend` sent the gateway to (a
+    /// pre-signed URL); no credentials.
+    pub fn get_absolute(&self, backend: &Backend, url: &str) -> awc::ClientRequest {
+        self.client(backend).get(url).no_decompress()
     }
 
     async fn send_once(
@@ -188,8 +205,9 @@ impl Upstream {
         auth: Option<&HeaderValue>,
     ) -> Result<Response, UpstreamError> {
         let url = format!("{}{}", backend.base, call.path);
+        let client = self.client(backend);
         let request = || {
-            let mut request = self.client.request(call.method.clone(), &url);
+            let mut request = client.request(call.method.clone(), &url);
             for (name, value) in &call.headers {
                 request = request.append_header((name.clone(), value.clone()));
             }
@@ -256,12 +274,12 @@ impl Upstream {
         refresh: bool,
     ) -> Result<Option<HeaderValue>, UpstreamError> {
         if let Credentials::StaticToken(token) = &backend.credentials {
-            return Ok(bearer(token));
+            return Ok(bearer(token.expose()));
         }
         match self.auth.challenges.get(&backend.idx) {
             None => Ok(None),
             Some(Challenge::Basic) => Ok(match &backend.credentials {
-                Credentials::Basic { username, password } => basic(username, password),
+                Credentials::Basic { username, password } => basic(username, password.expose()),
                 _ => None,
             }),
             Some(Challenge::Bearer { realm, service }) => {
@@ -279,6 +297,7 @@ impl Upstream {
                     tracing::info_span!("token_fetch", backend = &*backend.id, scope),
                 )
                 .await?;
+                // `lifetime` is capped (`token_lifetime`): the sum cannot overflow.
                 self.auth
                     .tokens
                     .insert(key, (token.clone(), Instant::now() + lifetime));
@@ -300,8 +319,31 @@ impl Upstream {
             backend: backend.id.clone(),
             reason,
         };
+        let shown = crate::secret::redact_url(realm);
         let mut url =
-            url::Url::parse(realm).map_err(|e| token_error(format!("realm '{realm}': {e}")))?;
+            url::Url::parse(realm).map_err(|e| token_error(format!("realm '{shown}': {e}")))?;
+        let credentials = match &backend.credentials {
+            Credentials::Basic { username, password } => basic(username, password.expose()),
+            _ => None,
+        };
+        if credentials.is_some() {
+            if let Err(reason) =
+                realm_may_receive_credentials(&backend.base, &url, &backend.token_realm_hosts)
+            {
+                let first = self
+                    .auth
+                    .refused_realms
+                    .entry((backend.idx, realm.to_owned()))
+                    .or_insert(())
+                    .is_fresh();
+                if first {
+                    tracing::warn!(backend = &*backend.id, realm = %shown, %reason, "credentials withheld from a token realm");
+                }
+                return Err(token_error(format!(
+                    "credentials withheld from token realm '{shown}': {reason}"
+                )));
+            }
+        }
         {
             let mut query = url.query_pairs_mut();
             if let Some(service) = service {
@@ -311,11 +353,9 @@ impl Upstream {
                 query.append_pair("scope", scope);
             }
         }
-        let mut request = self.client.get(url.as_str());
-        if let Credentials::Basic { username, password } = &backend.credentials {
-            if let Some(value) = basic(username, password) {
-                request = request.insert_header((header::AUTHORIZATION, value));
-            }
+        let mut request = self.client(backend).get(url.as_str());
+        if let Some(value) = credentials {
+            request = request.insert_header((header::AUTHORIZATION, value));
         }
         let response = request
             .send()
@@ -323,8 +363,7 @@ impl Upstream {
             .map_err(|e| token_error(e.to_string()))?;
         if !response.status().is_success() {
             return Err(token_error(format!(
-                "{} answered {}",
-                realm,
+                "{shown} answered {}",
                 response.status()
             )));
         }
@@ -339,7 +378,7 @@ impl Upstream {
             .or(body.access_token)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| token_error("token response has no token".into()))?;
-        Ok((token.into(), token_lifetime(body.expires_in)))
+        Ok((token.into(), token_lifetime(body.expires_in.as_ref())))
     }
 }
 
@@ -366,18 +405,95 @@ fn is_definitive(e: &awc::error::SendRequestError) -> bool {
 }
 
 #[derive(serde::Deserialize)]
-struct TokenResponse {
-    token: Option<String>,
-    access_token: Option<String>,
-    expires_in: Option<u64>,
+pub struct TokenResponse {
+    pub token: Option<String>,
+    pub access_token: Option<String>,
+    /// Any JSON value: a token service that sends a negative, fractional, huge or quoted
+    /// number must not make the whole answer unreadable (`token_lifetime` decides).
+    pub expires_in: Option<serde_json::Value>,
 }
 
-/// How long to reuse a token: its stated lifetime (60 s when unstated, as the token spec
-/// says) less a margin, so that no request carries a token about to expire.
-fn token_lifetime(expires_in: Option<u64>) -> Duration {
-    let secs = expires_in.unwrap_or(60).max(1);
+/// Longest a token is reused, whatever lifetime its service states (the token cache keeps
+/// nothing longer either).
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// How long to reuse a token: its stated lifetime (60 s when unstated or unusable, as the
+/// token spec says) less a margin, so that no request carries a token about to expire;
+/// at least 1 s, at most `MAX_TOKEN_LIFETIME`.
+pub fn token_lifetime(expires_in: Option<&serde_json::Value>) -> Duration {
+    let stated = match expires_in {
+        Some(serde_json::Value::Number(n)) => n
+            .as_u64()
+            .or_else(|| n.as_i64().map(|i| i.max(0) as u64))
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.is_finite())
+                    .map(|f| f.max(0.0) as u64)
+            }),
+        Some(serde_json::Value::String(s)) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    };
+    let secs = stated.unwrap_or(60).clamp(1, MAX_TOKEN_LIFETIME.as_secs());
     let margin = (secs / 10).clamp(1, 30);
     Duration::from_secs(secs.saturating_sub(margin).max(1))
+}
+
+/// Whether a token realm may receive `backend_base`'s credentials: only on the backend's
+/// own host (any port) or a host in `extra_hosts` (`host`, or `host:port` for that port
+/// only), and never over http when the backend is https.
+pub fn realm_may_receive_credentials(
+    backend_base: &str,
+    realm: &url::Url,
+    extra_hosts: &[String],
+) -> Result<(), String> {
+    let backend = url::Url::parse(backend_base).map_err(|e| format!("backend URL: {e}"))?;
+    match (backend.scheme(), realm.scheme()) {
+        ("https", "https") | ("http", "http" | "https") => {}
+        ("https", "http") => return Err("the realm is plain http and the backend https".into()),
+        (_, other) => return Err(format!("scheme '{other}' is not http or https")),
+    }
+    let Some(host) = realm.host_str().filter(|h| !h.is_empty()) else {
+        return Err("the realm names no host".into());
+    };
+    if backend.host_str() == Some(host) {
+        return Ok(());
+    }
+    let listed = extra_hosts.iter().any(|entry| {
+        let Ok(allowed) = url::Url::parse(&format!("http://{entry}/")) else {
+            return false;
+        };
+        allowed.host_str() == Some(host)
+            && allowed
+                .port()
+                .is_none_or(|port| realm.port_or_known_default() == Some(port))
+    });
+    if listed {
+        Ok(())
+    } else {
+        Err(format!(
+            "host '{host}' is neither the backend's host nor in its token_realm_hosts"
+        ))
+    }
+}
+
+/// An awc client with the gateway's timeouts, trusting `tls` when given (the public roots
+/// otherwise).
+fn make_client(settings: &UpstreamSettings, tls: Option<Arc<rustls::ClientConfig>>) -> awc::Client {
+    // No pool-wide limit: a backend that stalls must not hold connections another backend
+    // needs. Every call is bounded by the timeouts and the request deadline.
+    let mut connector = awc::Connector::new()
+        .timeout(settings.connect_timeout)
+        .limit(0);
+    if let Some(tls) = tls {
+        connector = connector.rustls_0_23(tls);
+    }
+    awc::Client::builder()
+        .connector(connector)
+        .timeout(settings.request_timeout)
+        .disable_redirects()
+        .no_default_headers()
+        .add_default_header((header::USER_AGENT, USER_AGENT))
+        .finish()
 }
 
 impl Backend {
@@ -460,6 +576,22 @@ fn auth_params(mut s: &str) -> Vec<(String, String)> {
     }
 }
 
+/// The URL of a blob on a backend: what a `direct` client is sent to. `repo` and `digest`
+/// are validated names, so the result stays on the backend's scheme, host and port.
+pub fn blob_url(base: &str, repo: &str, digest: &crate::oci::Digest) -> String {
+    format!("{base}/v2/{repo}/blobs/{digest}")
+}
+
+/// The absolute URL a backend's redirect (`Location`, absolute or relative) points at:
+/// resolved against the backend's base URL as a browser would, never pasted onto it.
+pub fn redirect_target(base: &str, location: &str) -> Result<String, String> {
+    let base = url::Url::parse(&format!("{base}/")).map_err(|e| e.to_string())?;
+    base.join(location).map(String::from).map_err(|e| {
+        let shown = crate::secret::redact_url(location);
+        format!("bad Location '{shown}': {e}")
+    })
+}
+
 /// A header's value when it is present and visible ASCII.
 pub fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
@@ -501,11 +633,232 @@ mod tests {
         assert_eq!(parse_challenge("Negotiate abc"), None);
     }
 
+    fn lifetime(json: &str) -> Duration {
+        let body: TokenResponse = serde_json::from_str(json).unwrap();
+        token_lifetime(body.expires_in.as_ref())
+    }
+
     #[test]
     fn token_lifetime_keeps_a_margin() {
-        assert_eq!(token_lifetime(None), Duration::from_secs(54));
-        assert_eq!(token_lifetime(Some(300)), Duration::from_secs(270));
-        assert_eq!(token_lifetime(Some(3600)), Duration::from_secs(3570));
-        assert_eq!(token_lifetime(Some(1)), Duration::from_secs(1));
+        assert_eq!(lifetime("{}"), Duration::from_secs(54));
+        assert_eq!(lifetime(r#"{"expires_in": 300}"#), Duration::from_secs(270));
+        assert_eq!(
+            lifetime(r#"{"expires_in": 3600}"#),
+            Duration::from_secs(3570)
+        );
+        assert_eq!(lifetime(r#"{"expires_in": 1}"#), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn token_lifetime_survives_extreme_values() {
+        let cap = MAX_TOKEN_LIFETIME - Duration::from_secs(30);
+        for (json, want) in [
+            (r#"{"expires_in": 18446744073709551615}"#, cap),
+            (r#"{"expires_in": 1e300}"#, cap),
+            (r#"{"expires_in": 99999999999999999999999}"#, cap),
+            (r#"{"expires_in": -5}"#, Duration::from_secs(1)),
+            (
+                r#"{"expires_in": -9223372036854775808}"#,
+                Duration::from_secs(1),
+            ),
+            (r#"{"expires_in": 0}"#, Duration::from_secs(1)),
+            (r#"{"expires_in": 12.7}"#, Duration::from_secs(11)),
+            (r#"{"expires_in": "300"}"#, Duration::from_secs(270)),
+            (r#"{"expires_in": "soon"}"#, Duration::from_secs(54)),
+            (r#"{"expires_in": null}"#, Duration::from_secs(54)),
+            (r#"{"expires_in": [1]}"#, Duration::from_secs(54)),
+        ] {
+            let got = lifetime(json);
+            assert_eq!(got, want, "{json}");
+            // The cache adds it to now: that must not overflow.
+            assert!(Instant::now().checked_add(got).is_some());
+        }
+    }
+
+    fn realm_ok(backend: &str, realm: &str, hosts: &[&str]) -> bool {
+        let hosts: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+        realm_may_receive_credentials(backend, &url::Url::parse(realm).unwrap(), &hosts).is_ok()
+    }
+
+    #[test]
+    fn credentials_go_only_to_the_backends_own_or_listed_realms() {
+        // The backend's own host, any port and path.
+        assert!(realm_ok(
+            "http://127.0.0.1:5000",
+            "http://127.0.0.1:6000/token",
+            &[]
+        ));
+        assert!(realm_ok(
+            "https://reg.example",
+            "https://REG.example/token",
+            &[]
+        ));
+        assert!(realm_ok(
+            "http://reg.example",
+            "https://reg.example/token",
+            &[]
+        ));
+        // Another host, unless listed.
+        assert!(!realm_ok(
+            "http://127.0.0.1:5000",
+            "http://127.0.0.2:5000/token",
+            &[]
+        ));
+        assert!(!realm_ok(
+            "https://registry-1.docker.io",
+            "https://auth.docker.io/token",
+            &[]
+        ));
+        assert!(realm_ok(
+            "https://registry-1.docker.io",
+            "https://auth.docker.io/token",
+            &["auth.docker.io"]
+        ));
+        // A listed host:port allows that port only.
+        assert!(realm_ok(
+            "http://a",
+            "http://127.0.0.2:7000/t",
+            &["127.0.0.2:7000"]
+        ));
+        assert!(!realm_ok(
+            "http://a",
+            "http://127.0.0.2:7001/t",
+            &["127.0.0.2:7000"]
+        ));
+        assert!(realm_ok("https://a", "https://b/t", &["b:443"]));
+        // A look-alike is not the host.
+        assert!(!realm_ok(
+            "https://reg.example",
+            "https://reg.example.evil/t",
+            &[]
+        ));
+        assert!(!realm_ok(
+            "https://reg.example",
+            "https://evil/t?reg.example",
+            &[]
+        ));
+        assert!(!realm_ok("http://[::1]:5000", "http://[::2]:5000/t", &[]));
+        assert!(realm_ok("http://[::1]:5000", "http://[::1]:6000/t", &[]));
+        // Never from https down to http, even on the same or a listed host.
+        assert!(!realm_ok(
+            "https://reg.example",
+            "http://reg.example/token",
+            &[]
+        ));
+        assert!(!realm_ok("https://a", "http://b/token", &["b"]));
+        assert!(!realm_ok("https://a", "ftp://a/token", &[]));
+    }
+
+    /// Every `Location` the gateway sends a client for a blob: `blob_url` for `direct`
+    /// backends, `redirect_target` for a URL a backend redirected the gateway to.
+    mod locations {
+        use proptest::prelude::*;
+
+        use super::super::{blob_url, redirect_target};
+        use crate::oci::{Digest, RepoName};
+
+        fn backend_base() -> impl Strategy<Value = String> {
+            let host = prop_oneof![
+                Just("127.0.0.1".to_owned()),
+                Just("[::1]".to_owned()),
+                Just("registry-1.docker.io".to_owned()),
+                "[a-z][a-z0-9-]{0,8}(\\.[a-z]{2,4}){0,2}",
+            ];
+            let port = prop_oneof![Just(String::new()), (1u16..).prop_map(|p| format!(":{p}"))];
+            (prop_oneof![Just("http"), Just("https")], host, port)
+                .prop_map(|(scheme, host, port)| format!("{scheme}://{host}{port}"))
+        }
+
+        fn repo() -> impl Strategy<Value = RepoName> {
+            proptest::collection::vec("[a-z0-9]{1,6}([._-][a-z0-9]{1,4}){0,2}", 2..5)
+                .prop_filter_map("a valid name", |parts| {
+                    RepoName::parse(&parts.join("/")).ok()
+                })
+        }
+
+        fn digest() -> impl Strategy<Value = Digest> {
+            "[0-9a-f]{64}".prop_map(|hex| Digest::parse(&format!("sha256:{hex}")).unwrap())
+        }
+
+        /// What a backend might put in `Location`: anything, and pieces that URL parsers
+        /// treat specially (scheme-relative, backslashes, user information, dot segments).
+        fn location() -> impl Strategy<Value = String> {
+            let piece = prop_oneof![
+                Just("/"),
+                Just("//"),
+                Just("\\"),
+                Just("@"),
+                Just(":"),
+                Just("?"),
+                Just("#"),
+                Just(".."),
+                Just("."),
+                Just("%2f"),
+                Just("%40"),
+                Just(" "),
+                Just("\t"),
+                Just("http:"),
+                Just("https:"),
+                Just("https://"),
+                Just("evil.example"),
+                Just("127.0.0.2:8080"),
+                Just("[::2]"),
+                Just("cdn"),
+                Just("x"),
+                Just("user:pass"),
+                Just("blobs/sha256/ab/data"),
+            ];
+            prop_oneof![
+                any::<String>(),
+                proptest::collection::vec(piece, 0..8).prop_map(|p| p.concat()),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn direct_locations_stay_on_the_backend(
+                base in backend_base(),
+                repo in repo(),
+                digest in digest(),
+            ) {
+                let backend = url::Url::parse(&base).unwrap();
+                let location = url::Url::parse(&blob_url(&base, repo.as_str(), &digest)).unwrap();
+                prop_assert_eq!(location.scheme(), backend.scheme());
+                prop_assert_eq!(location.host_str(), backend.host_str());
+                prop_assert_eq!(location.port_or_known_default(), backend.port_or_known_default());
+                prop_assert!(location.username().is_empty() && location.password().is_none());
+                prop_assert_eq!(location.path(), format!("/v2/{repo}/blobs/{digest}"));
+                prop_assert!(location.query().is_none() && location.fragment().is_none());
+            }
+
+            #[test]
+            fn resolved_locations_point_at_the_backend_or_where_it_said(
+                base in backend_base(),
+                raw in location(),
+            ) {
+                let backend = url::Url::parse(&base).unwrap();
+                let Ok(target) = redirect_target(&base, &raw) else {
+                    return Ok(());
+                };
+                let target = url::Url::parse(&target).expect("an absolute URL");
+                // Where the same Location leads from a stand-in base of the same scheme:
+                // whether the backend's answer names a host of its own.
+                let probe = url::Url::parse(&format!("{}://regatta-probe.invalid/", backend.scheme()))
+                    .unwrap()
+                    .join(&raw)
+                    .expect("resolves from the backend, so from the probe too");
+                if probe.host_str() == Some("regatta-probe.invalid") {
+                    prop_assert_eq!(target.scheme(), backend.scheme());
+                    prop_assert_eq!(target.host_str(), backend.host_str());
+                    prop_assert_eq!(target.port_or_known_default(), backend.port_or_known_default());
+                    prop_assert!(target.username().is_empty() && target.password().is_none());
+                } else {
+                    prop_assert_eq!(target.host_str(), probe.host_str(), "{:?}", raw);
+                    prop_assert_eq!(target.port(), probe.port());
+                }
+            }
+        }
     }
 }

@@ -269,7 +269,7 @@ async fn size_from_backend(
         // The size is behind the redirect: ask for one byte and read the total.
         let location = location(backend, &response)?;
         let mut ranged = up
-            .get_absolute(&location)
+            .get_absolute(backend, &location)
             .insert_header((header::RANGE, "bytes=0-0"))
             .send()
             .await
@@ -310,7 +310,7 @@ async fn deliver(
     };
     match delivery {
         Delivery::Direct => Ok(redirect(
-            &format!("{}/v2/{repo}/blobs/{digest}", backend.base),
+            &crate::upstream::blob_url(&backend.base, &repo, digest),
             backend,
         )),
         Delivery::Resolve => {
@@ -478,11 +478,7 @@ fn redirect(url: &str, backend: &Backend) -> HttpResponse {
 fn location(backend: &Backend, response: &Response) -> Result<String, Failure> {
     let raw = header_str(response.headers(), header::LOCATION)
         .ok_or_else(|| Failure::Broken("redirect without Location".into()))?;
-    let base = url::Url::parse(&format!("{}/", backend.base))
-        .map_err(|e| Failure::Broken(e.to_string()))?;
-    base.join(raw)
-        .map(String::from)
-        .map_err(|e| Failure::Broken(format!("bad Location '{raw}': {e}")))
+    crate::upstream::redirect_target(&backend.base, raw).map_err(Failure::Broken)
 }
 
 /// How long a pre-signed URL may be handed out: `cap`, or less when the URL says it
@@ -503,7 +499,8 @@ pub fn presigned_lifetime(url: &str, cap: Duration, now: SystemTime) -> Option<D
         }
     }
     if let (Some(signed), Some(expires)) = (amz_date, amz_expires) {
-        remaining = Some((signed + expires).saturating_sub(now_s));
+        // Both come from the backend: a huge X-Amz-Expires must not overflow.
+        remaining = Some(signed.saturating_add(expires).saturating_sub(now_s));
     }
     let good_for = match remaining {
         Some(secs) => Duration::from_secs(secs / 2).min(cap),
@@ -564,6 +561,47 @@ mod tests {
             presigned_lifetime(s3_short, cap, now),
             Some(Duration::from_secs(30))
         );
+    }
+
+    #[test]
+    fn presigned_lifetimes_survive_extreme_values() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let cap = Duration::from_secs(300);
+        let max = u64::MAX;
+        for (url, want) in [
+            (
+                format!("http://s3/x?X-Amz-Date=20231114T221320Z&X-Amz-Expires={max}"),
+                Some(cap),
+            ),
+            (
+                format!("http://s3/x?X-Amz-Date=99991231T235959Z&X-Amz-Expires={max}"),
+                Some(cap),
+            ),
+            (
+                "http://s3/x?X-Amz-Date=20231114T221320Z&X-Amz-Expires=1".into(),
+                None,
+            ),
+            // Before 1970: not a date it can use, so only the cap applies.
+            (
+                "http://s3/x?X-Amz-Date=00000101T000000Z&X-Amz-Expires=60".into(),
+                Some(cap),
+            ),
+            (
+                "http://s3/x?X-Amz-Date=20231114T221320Z&X-Amz-Expires=-1".into(),
+                Some(cap),
+            ),
+            (format!("http://cdn/x?Expires={max}"), Some(cap)),
+            (
+                "http://cdn/x?Expires=99999999999999999999999".into(),
+                Some(cap),
+            ),
+            ("http://cdn/x?Expires=0".into(), None),
+        ] {
+            assert_eq!(presigned_lifetime(&url, cap, now), want, "{url}");
+        }
+        let far = UNIX_EPOCH + Duration::from_secs(i64::MAX as u64 / 2);
+        let url = format!("http://s3/x?X-Amz-Date=20231114T221320Z&X-Amz-Expires={max}");
+        assert_eq!(presigned_lifetime(&url, cap, far), Some(cap));
     }
 
     #[test]

@@ -104,7 +104,7 @@ fn accepts(accept: &[String], media_type: &str) -> bool {
 /// The manifest of an index a single-manifest client should get: linux/amd64 (what
 /// Docker Hub hands such clients), else the first entry of a type the client accepts;
 /// attestations (platform unknown) never.
-fn platform_manifest(index: &[u8], accept: &[String]) -> Option<Digest> {
+pub fn platform_manifest(index: &[u8], accept: &[String]) -> Option<Digest> {
     let doc: Document = serde_json::from_slice(index).ok()?;
     let usable: Vec<&Descriptor> = doc
         .manifests
@@ -488,18 +488,27 @@ struct Platform {
 /// The backend that served a manifest holds what it references: remember the config,
 /// layers and child manifests there, and their sizes (blob HEADs are answered from them).
 async fn warm(gw: &Gateway, backend: BackendIdx, name: &RepoName, manifest: &Manifest) {
-    let Ok(doc) = serde_json::from_slice::<Document>(&manifest.bytes) else {
-        return;
-    };
-    for d in doc.config.iter().chain(&doc.layers).chain(&doc.manifests) {
-        let Ok(digest) = Digest::parse(&d.digest) else {
-            continue;
-        };
-        if let Some(size) = d.size {
+    for (digest, size) in references(&manifest.bytes) {
+        if let Some(size) = size {
             gw.knowledge.learn_size(&digest, size);
         }
         gw.knowledge
             .learn(name, &digest, backend, Holding::Has)
             .await;
     }
+}
+
+/// What warming learns from a manifest or index: the digests it references (config,
+/// layers, child manifests) with their stated sizes. Bytes that are not such a document
+/// teach nothing; a descriptor whose digest does not parse is skipped. Pure.
+pub fn references(bytes: &[u8]) -> Vec<(Digest, Option<u64>)> {
+    let Ok(doc) = serde_json::from_slice::<Document>(bytes) else {
+        return Vec::new();
+    };
+    doc.config
+        .iter()
+        .chain(&doc.layers)
+        .chain(&doc.manifests)
+        .filter_map(|d| Some((Digest::parse(&d.digest).ok()?, d.size)))
+        .collect()
 }

@@ -16,7 +16,10 @@ use std::sync::Arc;
 use actix_web::http::Method;
 use actix_web::HttpRequest;
 
+/// Pure parsing of backend answers, for the fuzz targets (`crate::fuzzing`).
+pub use blobs::presigned_lifetime;
 pub use knowledge::{Detected, Knowledge, Manifest};
+pub use manifests::{platform_manifest, references as manifest_references};
 
 use crate::api_error::ApiError;
 use crate::cluster::{ClusterState, Snapshot};

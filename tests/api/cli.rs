@@ -34,3 +34,58 @@ fn check_config_names_every_problem() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn check_config_refuses_credentials_in_urls_and_warns_about_plain_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |name: &str, text: &str| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_regatta"));
+        cmd.arg("check-config")
+            .arg(&file)
+            .env_remove("MISSING_TOKEN");
+        let out = run(cmd, Duration::from_secs(30));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+
+    let (ok, out) = check(
+        "userinfo.toml",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[[backends]]\nid = \"hub\"\nurl = \"https://alice:url-s3cret@registry.example\"\n",
+    );
+    assert!(!ok, "userinfo in a backend URL passed:\n{out}");
+    assert!(out.contains("backends[0].url"), "{out}");
+    assert!(
+        !out.contains("url-s3cret"),
+        "the password was printed:\n{out}"
+    );
+
+    let (ok, out) = check(
+        "missing-env.toml",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[[backends]]\nid = \"hub\"\nurl = \"https://registry.example\"\ntoken_env = \"MISSING_TOKEN\"\n",
+    );
+    assert!(!ok, "{out}");
+    assert!(out.contains("backends[0].token_env"), "{out}");
+
+    // Credentials from a file on a plain-http backend: a warning, and the check passes.
+    let password = dir.path().join("password");
+    std::fs::write(&password, "file-s3cret\n").unwrap();
+    let (ok, out) = check(
+        "plain-http.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[[backends]]\nid = \"hub\"\nurl = \"http://127.0.0.1:5000\"\nusername = \"alice\"\npassword_file = \"{}\"\n",
+            password.display()
+        ),
+    );
+    assert!(ok, "a warning failed the check:\n{out}");
+    assert!(
+        out.contains("warning") && out.contains("backends[0].url") && out.contains("plain http"),
+        "{out}"
+    );
+    assert!(!out.contains("file-s3cret"), "{out}");
+}

@@ -262,6 +262,11 @@ impl Config {
         self
     }
 
+    /// Everything but `[server]`: the sections for a `NodeProcess`.
+    pub fn render_without_server(&self) -> String {
+        format!("{}{}", self.sections, self.text)
+    }
+
     fn render(&self) -> String {
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n{}",
@@ -321,6 +326,23 @@ impl Config {
             "[limits]\ncold_per_second = {per_second}\ncold_burst = {burst}\ntrusted = [{}]\n",
             trusted.join(", ")
         ));
+        self
+    }
+
+    /// TOML lines added to the backend configured last (credentials, `tls_ca`, ...).
+    pub fn backend_keys(mut self, lines: &str) -> Config {
+        let last_table = self
+            .text
+            .rfind("\n[")
+            .map_or(&self.text[..], |i| &self.text[i + 1..]);
+        assert!(
+            last_table.starts_with("[[backends]]"),
+            "backend_keys follows a backend"
+        );
+        self.text.push_str(lines);
+        if !lines.ends_with('\n') {
+            self.text.push('\n');
+        }
         self
     }
 

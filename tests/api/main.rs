@@ -25,4 +25,5 @@ mod placement;
 mod plan;
 mod pulls;
 mod readiness;
+mod secrets;
 mod store;

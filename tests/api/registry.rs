@@ -3,7 +3,7 @@
 //! token-protected with its `redirect` storage middleware and nginx over the storage root
 //! standing in for a CDN; htpasswd.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -38,9 +38,13 @@ impl Shape {
 /// A token service in the test process, as Docker Hub's: anonymous clients get pull
 /// tokens, alice/secret gets whatever she asks for, wrong credentials get 401.
 pub struct TokenIssuer {
+    /// The loopback address it listens on (the realm registries name).
+    pub ip: String,
     pub port: u16,
     pub dir: tempfile::TempDir,
     pub issued: Arc<AtomicUsize>,
+    /// Token requests that carried an `Authorization` header (credentials).
+    pub with_credentials: Arc<AtomicUsize>,
     handle: actix_web::dev::ServerHandle,
 }
 
@@ -48,22 +52,31 @@ struct IssuerKeys {
     key: jsonwebtoken::EncodingKey,
     cert_der_b64: String,
     issued: Arc<AtomicUsize>,
+    with_credentials: Arc<AtomicUsize>,
 }
 
 impl TokenIssuer {
     pub async fn start() -> TokenIssuer {
+        TokenIssuer::start_on("127.0.0.1").await
+    }
+
+    /// A token issuer on another loopback address (`127.0.0.2`), as a realm on a host
+    /// other than the registry's.
+    pub async fn start_on(ip: &str) -> TokenIssuer {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = crate::procs::self_signed_cert(dir.path(), "regatta-test-token");
         let mut der = Command::new("openssl");
         der.args(["x509", "-outform", "DER", "-in"]).arg(&cert);
         let der = crate::procs::run(der, Duration::from_secs(30)).stdout;
         let issued = Arc::new(AtomicUsize::new(0));
+        let with_credentials = Arc::new(AtomicUsize::new(0));
         let keys = web::Data::new(IssuerKeys {
             key: jsonwebtoken::EncodingKey::from_rsa_pem(&std::fs::read(&key).unwrap()).unwrap(),
             cert_der_b64: base64::engine::general_purpose::STANDARD.encode(der),
             issued: issued.clone(),
+            with_credentials: with_credentials.clone(),
         });
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
         let port = listener.local_addr().unwrap().port();
         let server = HttpServer::new(move || {
             App::new()
@@ -79,13 +92,20 @@ impl TokenIssuer {
         .run();
         let handle = server.handle();
         actix_web::rt::spawn(server);
-        crate::helpers::wait_for_http(&format!("http://127.0.0.1:{port}/ready")).await;
+        crate::helpers::wait_for_http(&format!("http://{ip}:{port}/ready")).await;
         TokenIssuer {
+            ip: ip.to_owned(),
             port,
             dir,
             issued,
+            with_credentials,
             handle,
         }
+    }
+
+    /// Token requests so far that carried credentials.
+    pub fn credentials_seen(&self) -> usize {
+        self.with_credentials.load(Ordering::SeqCst)
     }
 
     pub fn cert(&self) -> PathBuf {
@@ -112,6 +132,9 @@ fn basic_credentials(req: &HttpRequest) -> Option<(String, String)> {
 }
 
 async fn issue_get(req: HttpRequest, keys: web::Data<IssuerKeys>) -> HttpResponse {
+    if req.headers().contains_key("authorization") {
+        keys.with_credentials.fetch_add(1, Ordering::SeqCst);
+    }
     let scopes: Vec<String> = url::form_urlencoded::parse(req.query_string().as_bytes())
         .filter(|(k, _)| k == "scope")
         .flat_map(|(_, v)| v.split(' ').map(str::to_owned).collect::<Vec<_>>())
@@ -119,7 +142,14 @@ async fn issue_get(req: HttpRequest, keys: web::Data<IssuerKeys>) -> HttpRespons
     issue(&keys, basic_credentials(&req), &scopes)
 }
 
-async fn issue_post(keys: web::Data<IssuerKeys>, form: web::Bytes) -> HttpResponse {
+async fn issue_post(
+    req: HttpRequest,
+    keys: web::Data<IssuerKeys>,
+    form: web::Bytes,
+) -> HttpResponse {
+    if req.headers().contains_key("authorization") || form.windows(9).any(|w| w == b"password=") {
+        keys.with_credentials.fetch_add(1, Ordering::SeqCst);
+    }
     let mut user = None;
     let mut password = None;
     let mut scopes = Vec::new();
@@ -176,6 +206,8 @@ fn issue(keys: &IssuerKeys, creds: Option<(String, String)>, scopes: &[String]) 
 /// A running registry. Its combined log is kept for assertions about what reached it.
 pub struct Registry {
     pub shape: Shape,
+    /// Served over HTTPS (`start_tls`).
+    pub tls: bool,
     pub port: u16,
     pub dir: tempfile::TempDir,
     pub cdn_port: Option<u16>,
@@ -187,6 +219,24 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(shape: Shape, issuer: Option<&TokenIssuer>) -> Registry {
+        Registry::start_with(shape, issuer, None)
+    }
+
+    /// A registry serving HTTPS with `cert` and `key` (PEM).
+    pub fn start_tls(
+        shape: Shape,
+        issuer: Option<&TokenIssuer>,
+        cert: &Path,
+        key: &Path,
+    ) -> Registry {
+        Registry::start_with(shape, issuer, Some((cert, key)))
+    }
+
+    fn start_with(
+        shape: Shape,
+        issuer: Option<&TokenIssuer>,
+        tls: Option<(&Path, &Path)>,
+    ) -> Registry {
         require("docker-registry");
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("storage");
@@ -198,13 +248,21 @@ impl Registry {
             "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: regatta-test-secret\n",
             root.display()
         );
+        if let Some((cert, key)) = tls {
+            yaml.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ));
+        }
         match shape {
             Shape::Anonymous => {}
             Shape::Token | Shape::TokenWithCdn => {
                 let issuer = issuer.expect("token registries need the token issuer");
                 token_realm = Some(format!("http://127.0.0.1:{}/token", issuer.port));
                 yaml.push_str(&format!(
-                    "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
+                    "auth:\n  token:\n    realm: http://{}:{}/token\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
+                    issuer.ip,
                     issuer.port,
                     issuer.cert().display()
                 ));
@@ -237,6 +295,7 @@ impl Registry {
         let cdn = cdn_port.map(|p| start_cdn(dir.path(), &root, p));
         let registry = Registry {
             shape,
+            tls: tls.is_some(),
             port,
             dir,
             cdn_port,
@@ -260,7 +319,8 @@ impl Registry {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn host(&self) -> String {
