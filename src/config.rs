@@ -1006,11 +1006,17 @@ mod tests {
         assert_eq!(s.backends.len(), 2);
         assert_eq!(s.backends[0].id, "hub");
         assert_eq!(s.backends[0].username.as_deref(), Some("alice"));
-        assert_eq!(s.backends[0].password.as_ref().map(|p| p.expose()), Some("rotated"));
+        assert_eq!(
+            s.backends[0].password.as_ref().map(|p| p.expose()),
+            Some("rotated")
+        );
         assert_eq!(s.backends[0].delivery, Delivery::Resolve);
         assert_eq!(s.backends[1].id, "mirror");
         assert_eq!(s.backends[1].username.as_deref(), Some("bot"));
-        assert_eq!(s.backends[1].password.as_ref().map(|p| p.expose()), Some("from-a-secret"));
+        assert_eq!(
+            s.backends[1].password.as_ref().map(|p| p.expose()),
+            Some("from-a-secret")
+        );
         assert_eq!(s.orgs[0].backends, ["hub", "mirror"]);
     }
 

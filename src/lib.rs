@@ -6,6 +6,7 @@ pub mod admin_cli;
 pub mod api_error;
 pub mod cluster;
 pub mod config;
+pub mod flights;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;

@@ -57,7 +57,12 @@ pub struct AuthCache {
     tokens: Cache<(BackendIdx, String), (Arc<str>, Instant)>,
     /// Realms refused credentials, so each refusal is logged once per backend and realm.
     refused_realms: Cache<(BackendIdx, String), ()>,
+    /// Token fetches in flight, so that clients asking at once cost one fetch.
+    flights: crate::flights::Flights,
 }
+
+/// Bytes of backend tokens kept (tokens are JWTs of a few KB, one per repository scope).
+const TOKEN_BYTES: u64 = 16 * 1024 * 1024;
 
 impl AuthCache {
     pub fn new() -> Self {
@@ -66,10 +71,14 @@ impl AuthCache {
                 .time_to_live(Duration::from_secs(3600))
                 .build(),
             tokens: Cache::builder()
-                .max_capacity(100_000)
+                .max_capacity(TOKEN_BYTES)
+                .weigher(|k: &(BackendIdx, String), v: &(Arc<str>, Instant)| {
+                    u32::try_from(k.1.len() + v.0.len() + 440).unwrap_or(u32::MAX)
+                })
                 .time_to_live(Duration::from_secs(3600))
                 .build(),
             refused_realms: Cache::builder().max_capacity(1024).build(),
+            flights: crate::flights::Flights::default(),
         }
     }
 }
@@ -173,8 +182,11 @@ impl Upstream {
         let learned = self.auth.challenges.get(&backend.idx).as_ref() != Some(&challenge);
         self.auth.challenges.insert(backend.idx, challenge);
         // A token we sent may have been revoked early: fetch a fresh one and try once more.
+        // A call that went without one (the challenge was not known yet when it left) takes
+        // whatever token another call fetched meanwhile.
+        let refresh = auth.is_some() && !learned;
         let retry = self
-            .authorization(backend, scope.as_deref(), !learned)
+            .authorization(backend, scope.as_deref(), refresh)
             .await?;
         if retry.is_none() || retry == auth {
             return Ok(response);
@@ -285,13 +297,27 @@ impl Upstream {
             Some(Challenge::Bearer { realm, service }) => {
                 let scope = scope.unwrap_or("");
                 let key = (backend.idx, scope.to_owned());
+                let cached = || {
+                    self.auth
+                        .tokens
+                        .get(&key)
+                        .filter(|(_, until)| *until > Instant::now())
+                        .map(|(token, _)| token)
+                };
                 if !refresh {
-                    if let Some((token, until)) = self.auth.tokens.get(&key) {
-                        if until > Instant::now() {
-                            return Ok(bearer(&token));
-                        }
+                    if let Some(token) = cached() {
+                        return Ok(bearer(&token));
                     }
                 }
+                // Many requests needing the same new token fetch it once.
+                let flight = format!("token {} {scope}", backend.idx);
+                let _lead = match self.auth.flights.join(flight).await {
+                    Some(lead) => Some(lead),
+                    None => match cached() {
+                        Some(token) => return Ok(bearer(&token)),
+                        None => None,
+                    },
+                };
                 let (token, lifetime) = tracing::Instrument::instrument(
                     self.fetch_token(backend, &realm, service.as_deref(), scope),
                     tracing::info_span!("token_fetch", backend = &*backend.id, scope),

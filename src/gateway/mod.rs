@@ -6,7 +6,6 @@
 //! facts are all cached makes no call to the store or to a backend.
 
 mod blobs;
-mod flights;
 mod knowledge;
 mod listing;
 mod manifests;
@@ -49,7 +48,7 @@ pub struct Gateway {
     /// Whether this node should receive traffic (`/readyz`).
     pub readiness: crate::readiness::Readiness,
     /// Cold lookups in flight, so identical ones go to the backends once.
-    flights: flights::Flights,
+    flights: crate::flights::Flights,
     /// Per-client allowance of cold lookups.
     limiter: crate::limits::ColdLimiter,
 }
@@ -88,7 +87,7 @@ impl Gateway {
             auth: Arc::new(AuthCache::new()),
             store,
             metrics,
-            flights: flights::Flights::default(),
+            flights: crate::flights::Flights::default(),
             readiness: crate::readiness::Readiness::new(
                 node_id,
                 settings.server.drain_file.clone(),

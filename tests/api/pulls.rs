@@ -180,3 +180,44 @@ async fn skopeo_pulls_over_https() {
         "clients spoke TLS to a TLS listener:\n{log}"
     );
 }
+
+/// Many requests needing the same backend token at once cost one token fetch.
+#[actix_web::test]
+async fn concurrent_cold_requests_share_one_backend_token() {
+    let issuer = TokenIssuer::start().await;
+    let registry = Registry::start(Shape::Token, Some(&issuer));
+    let work = tempfile::tempdir().unwrap();
+    let image = images::multiarch(&work.path().join("image"), "one-token", "1.0", 2, 256);
+    registry.push(&image, "acme/app", "1.0");
+    let app = spawn_app(&Config::new().backend("hub", &registry, "proxy").org(
+        "acme",
+        &["hub"],
+        "30s",
+        &[],
+    ))
+    .await;
+    let before = issuer.issued.load(Ordering::SeqCst);
+    // Forty different manifests (no single-flight of the manifest itself applies), all
+    // needing a pull token for acme/app, asked of a node that has no token yet.
+    let answers = futures_util::future::join_all((0..40).map(|i| {
+        let digest = if i == 0 {
+            image.platform("amd64").manifest.digest.clone()
+        } else {
+            format!("sha256:{i:064x}")
+        };
+        let app = &app;
+        async move {
+            app.get(&format!("/v2/acme/app/manifests/{digest}"))
+                .await
+                .status
+        }
+    }))
+    .await;
+    assert_eq!(answers[0], 200);
+    assert!(answers[1..].iter().all(|s| *s == 404), "{answers:?}");
+    assert_eq!(
+        issuer.issued.load(Ordering::SeqCst) - before,
+        1,
+        "one token for acme/app, shared by every request"
+    );
+}

@@ -1,5 +1,5 @@
-//! Identical cold lookups made at the same time (the same tag resolution, manifest fetch or
-//! blob probe) go to the backends once: the first caller leads and does the work; the
+//! Identical cold lookups made at the same time (the same tag resolution, manifest fetch,
+//! blob probe or backend token) go to the backends once: the first caller leads and does the work; the
 //! others wait for it to finish, then find what it learned in the caches. A follower waits
 //! at most once: if the leader learned nothing (it failed, or its request was cancelled),
 //! the follower does the work itself rather than queueing behind another leader.
