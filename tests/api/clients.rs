@@ -28,6 +28,11 @@ pub fn skopeo_pull(reference: &str, out: &Path) -> Pulled {
 
 /// The same, with skopeo retrying failed transfers `retries` times, as real clients do.
 pub fn skopeo_pull_retrying(reference: &str, out: &Path, retries: u32) -> Pulled {
+    try_skopeo_pull(reference, out, retries).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A skopeo pull that may fail: `Err` with skopeo's own words.
+pub fn try_skopeo_pull(reference: &str, out: &Path, retries: u32) -> Result<Pulled, String> {
     require("skopeo");
     let mut cmd = Command::new("skopeo");
     cmd.args([
@@ -40,8 +45,14 @@ pub fn skopeo_pull_retrying(reference: &str, out: &Path, retries: u32) -> Pulled
     .arg(retries.to_string())
     .arg(format!("docker://{reference}"))
     .arg(format!("oci:{}:pulled", out.display()));
-    run_ok(cmd, PULL_LIMIT);
-    read_layout(out)
+    let output = crate::procs::run(cmd, PULL_LIMIT);
+    if !output.status.success() {
+        return Err(format!(
+            "skopeo pull of {reference} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    Ok(read_layout(out))
 }
 
 pub fn read_layout(dir: &Path) -> Pulled {

@@ -470,7 +470,17 @@ impl NodeProcess {
         sections: &str,
         env: &[(&str, &str)],
     ) -> NodeProcess {
-        let port = crate::procs::free_port();
+        NodeProcess::start_on(crate::procs::free_port(), dir, name, sections, env)
+    }
+
+    /// The same on a given port (a node restarted where clients know it).
+    pub fn start_on(
+        port: u16,
+        dir: &std::path::Path,
+        name: &str,
+        sections: &str,
+        env: &[(&str, &str)],
+    ) -> NodeProcess {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,

@@ -26,4 +26,5 @@ mod plan;
 mod pulls;
 mod readiness;
 mod secrets;
+mod soak;
 mod store;

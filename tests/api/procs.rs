@@ -34,6 +34,10 @@ impl Proc {
         }
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the child has exited (reaping it when it has).
     pub fn exited(&mut self) -> bool {
         match &mut self.child {

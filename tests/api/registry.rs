@@ -323,6 +323,20 @@ impl Registry {
         format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
+    /// Starts the registry process again on the same port and storage, after `stop` (its
+    /// log starts over).
+    pub fn restart(&mut self) {
+        self.proc.stop();
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve").arg(self.dir.path().join("config.yml"));
+        self.proc = Proc::spawn(
+            "docker-registry",
+            cmd,
+            &self.dir.path().join("registry.log"),
+        );
+        self.wait_ready();
+    }
+
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
