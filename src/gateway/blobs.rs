@@ -173,16 +173,9 @@ async fn probe(
     digest: &Digest,
     backends: &[BackendIdx],
 ) {
-    let probes = backends.iter().map(|&b| async move {
-        let backend = gw.topology.backend(b);
-        let repo = org.backend_repo(b, name);
-        let call = Call::new(
-            Method::HEAD,
-            format!("/v2/{repo}/blobs/{digest}"),
-            Some(&repo),
-        );
-        (b, gw.send(up, backend, &call).await)
-    });
+    let probes = backends
+        .iter()
+        .map(|&b| async move { (b, head_on(gw, up, org, b, name, digest).await) });
     for (b, answer) in futures_util::future::join_all(probes).await {
         let holding = match &answer {
             Ok(r) if r.status().is_success() || r.status().is_redirection() => {
@@ -205,6 +198,24 @@ async fn probe(
         };
         gw.knowledge.learn(name, digest, b, holding).await;
     }
+}
+
+/// A HEAD of the blob on backend `b`, with the gateway's credentials.
+async fn head_on(
+    gw: &Gateway,
+    up: &Upstream,
+    org: &Org,
+    b: BackendIdx,
+    name: &RepoName,
+    digest: &Digest,
+) -> Result<Response, crate::upstream::UpstreamError> {
+    let repo = org.backend_repo(b, name);
+    let call = Call::new(
+        Method::HEAD,
+        format!("/v2/{repo}/blobs/{digest}"),
+        Some(&repo),
+    );
+    gw.send(up, gw.topology.backend(b), &call).await
 }
 
 fn content_length(r: &Response) -> Option<u64> {
@@ -247,14 +258,7 @@ async fn size_from_backend(
     digest: &Digest,
 ) -> Result<u64, Failure> {
     let backend = gw.topology.backend(b);
-    let repo = org.backend_repo(b, name);
-    let call = Call::new(
-        Method::HEAD,
-        format!("/v2/{repo}/blobs/{digest}"),
-        Some(&repo),
-    );
-    let response = gw
-        .send(up, backend, &call)
+    let response = head_on(gw, up, org, b, name, digest)
         .await
         .map_err(|e| Failure::Broken(e.to_string()))?;
     let status = response.status();
