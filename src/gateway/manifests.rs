@@ -105,7 +105,7 @@ fn accepts(accept: &[String], media_type: &str) -> bool {
 /// Docker Hub hands such clients), else the first entry of a type the client accepts;
 /// attestations (platform unknown) never.
 pub fn platform_manifest(index: &[u8], accept: &[String]) -> Option<Digest> {
-    let doc: Document = serde_json::from_slice(index).ok()?;
+    let doc = document(index)?;
     let usable: Vec<&Descriptor> = doc
         .manifests
         .iter()
@@ -354,11 +354,7 @@ async fn fetch(
     };
     let media_type = media_type
         .filter(|m| !m.is_empty() && m != "application/octet-stream")
-        .or_else(|| {
-            serde_json::from_slice::<Document>(&bytes)
-                .ok()
-                .and_then(|d| d.media_type)
-        })
+        .or_else(|| document(&bytes).and_then(|d| d.media_type))
         .unwrap_or_else(|| media::OCI_MANIFEST.to_owned());
     Ok(Fetched::Found(Manifest {
         digest,
@@ -459,6 +455,13 @@ fn cached_manifest(
     Some((manifest, holder))
 }
 
+/// A manifest or index as JSON, or `None`. JSON is UTF-8: bytes that are not (even inside a
+/// field the typed parse would skip) are no document to learn from. Found by fuzzing: the
+/// typed parse skipped an invalid string in `annotations` that a full JSON parse refuses.
+fn document(bytes: &[u8]) -> Option<Document> {
+    serde_json::from_str(std::str::from_utf8(bytes).ok()?).ok()
+}
+
 #[derive(Deserialize)]
 struct Document {
     #[serde(rename = "mediaType")]
@@ -502,7 +505,7 @@ async fn warm(gw: &Gateway, backend: BackendIdx, name: &RepoName, manifest: &Man
 /// layers, child manifests) with their stated sizes. Bytes that are not such a document
 /// teach nothing; a descriptor whose digest does not parse is skipped. Pure.
 pub fn references(bytes: &[u8]) -> Vec<(Digest, Option<u64>)> {
-    let Ok(doc) = serde_json::from_slice::<Document>(bytes) else {
+    let Some(doc) = document(bytes) else {
         return Vec::new();
     };
     doc.config
@@ -511,4 +514,21 @@ pub fn references(bytes: &[u8]) -> Vec<(Digest, Option<u64>)> {
         .chain(&doc.manifests)
         .filter_map(|d| Some((Digest::parse(&d.digest).ok()?, d.size)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by fuzzing (`fuzz/corpus/manifest/invalid-utf8-in-a-skipped-field`): a manifest
+    /// whose `annotations` hold bytes that are not UTF-8 taught holders although it is not
+    /// JSON.
+    #[test]
+    fn bytes_that_are_not_json_teach_nothing() {
+        let good = br#"{"schemaVersion":2,"config":{"digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111","size":1},"layers":[]}"#;
+        assert_eq!(references(good).len(), 1);
+        let mut bad = good[..good.len() - 1].to_vec();
+        bad.extend_from_slice(b",\"annotations\":{\"k\":\"\xff\xfe\"}}");
+        assert!(references(&bad).is_empty());
+    }
 }
