@@ -53,6 +53,9 @@ pub fn route(data: &[u8]) {
                         | "TAG_INVALID"
                         | "DIGEST_INVALID"
                         | "NAME_UNKNOWN"
+                        // A manifest reference that is neither tag nor digest names no
+                        // manifest (404, as distribution answers).
+                        | "MANIFEST_UNKNOWN"
                         | "UNSUPPORTED"
                 ),
                 "{path:?}: unexpected {code}"
