@@ -46,8 +46,23 @@ pub struct Samples {
     pub p99_ms: Vec<f64>,
 }
 
+/// A server stopped with SIGTERM (then SIGKILL after 10 s): an nginx master killed outright
+/// leaves its workers running.
+pub struct Graceful(pub Proc);
+
+impl Drop for Graceful {
+    fn drop(&mut self) {
+        self.0.terminate();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !self.0.exited() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.0.stop();
+    }
+}
+
 /// nginx answering every request with `307 BACKEND$request_uri`, access log off.
-pub fn start_nginx(dir: &Path, backend: &str) -> (Proc, u16) {
+pub fn start_nginx(dir: &Path, backend: &str) -> (Graceful, u16) {
     require("nginx");
     let port = free_port();
     let d = dir.display();
@@ -72,7 +87,7 @@ pub fn start_nginx(dir: &Path, backend: &str) -> (Proc, u16) {
     wait_until("nginx", Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
-    (proc, port)
+    (Graceful(proc), port)
 }
 
 /// `"1.23ms"` -> 1.23
