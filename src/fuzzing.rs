@@ -60,6 +60,11 @@ pub fn route(data: &[u8]) {
                 ),
                 "{path:?}: unexpected {code}"
             );
+            let status = actix_web::ResponseError::status_code(&e);
+            assert!(
+                status.is_client_error(),
+                "{path:?}: {status} for client input"
+            );
         }
     }
 }
