@@ -108,11 +108,18 @@ fn audit(req: &HttpRequest, action: &str, subject: &str, detail: &str) {
 /// The Prometheus exposition, with state gauges read from the snapshot now.
 async fn metrics(gw: web::Data<Gateway>) -> HttpResponse {
     let snapshot = gw.state.load();
+    gw.metrics.clear_backend_health();
     for (b, live) in gw.topology.backends.iter().zip(&snapshot.backends) {
+        // Every region's view; a backend no region has probed yet is presumed up here.
+        let own = live
+            .views
+            .is_empty()
+            .then_some((gw.topology.region.as_str(), live.health));
+        let views = live.views.iter().map(|(r, rec)| (r.as_str(), rec.state));
         gw.metrics.set_backend(
             &b.id,
             &b.region,
-            live.health,
+            own.into_iter().chain(views),
             live.drained,
             live.latency_us as f64 / 1e6,
         );
@@ -164,6 +171,7 @@ struct BackendView {
     checked_at_ms: Option<u64>,
     checked_by: Option<String>,
     reason: Option<String>,
+    health_by_region: std::collections::BTreeMap<String, Health>,
 }
 
 fn backend_view(gw: &Gateway, idx: usize) -> BackendView {
@@ -196,6 +204,11 @@ fn backend_view(gw: &Gateway, idx: usize) -> BackendView {
             .as_ref()
             .map(|r| r.reason.clone())
             .filter(|r| !r.is_empty()),
+        health_by_region: live
+            .views
+            .iter()
+            .map(|(region, record)| (region.clone(), record.state))
+            .collect(),
     }
 }
 

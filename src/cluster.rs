@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use arc_swap::ArcSwap;
 
 use crate::config::Settings;
-use crate::model::{AdminState, Health, HealthRecord, OrgPolicy};
+use crate::model::{AdminState, Health, HealthRecord, OrgPolicy, RegionalHealth};
 use crate::store::{Store, StoreError};
 use crate::topology::{Org, Topology};
 
@@ -26,8 +26,38 @@ pub struct BackendLive {
     pub latency_us: u32,
     pub drained: bool,
     pub weight: u32,
-    /// The last shared health record, if any node has probed it recently.
+    /// The health record this node goes by: its own region's, else (none probed from
+    /// here yet) the most recent one from another region; `None` when no node has
+    /// probed it recently.
     pub record: Option<HealthRecord>,
+    /// Every region's record in force, by region (what `regatta_backend_health` shows).
+    pub views: Vec<(String, HealthRecord)>,
+}
+
+impl BackendLive {
+    /// Sets `region`'s view and recomputes what this node (in `own`) goes by.
+    fn set_view(&mut self, own: &str, region: &str, record: HealthRecord) {
+        match self.views.iter_mut().find(|(r, _)| r == region) {
+            Some((_, current)) => *current = record,
+            None => {
+                self.views.push((region.to_owned(), record));
+                self.views.sort_by(|a, b| a.0.cmp(&b.0));
+            }
+        }
+        self.record = in_force(own, &self.views).cloned();
+        self.health = self.record.as_ref().map_or(Health::Up, |r| r.state);
+        self.latency_us = self.record.as_ref().map_or(0, |r| r.latency_us);
+    }
+}
+
+/// The view a node in region `own` ranks a backend by: its own region's, falling back to
+/// the most recently checked other region's only while its own has none.
+fn in_force<'a>(own: &str, views: &'a [(String, HealthRecord)]) -> Option<&'a HealthRecord> {
+    views
+        .iter()
+        .find(|(r, _)| r == own)
+        .or_else(|| views.iter().max_by_key(|(_, rec)| rec.checked_at_ms))
+        .map(|(_, rec)| rec)
 }
 
 #[derive(Debug)]
@@ -46,7 +76,7 @@ impl Snapshot {
         Snapshot::build(
             topology,
             &HashMap::new(),
-            &HashMap::new(),
+            &RegionalHealth::new(),
             &policies.into_iter().collect(),
         )
     }
@@ -54,24 +84,29 @@ impl Snapshot {
     pub fn build(
         topology: &Topology,
         admin: &HashMap<String, AdminState>,
-        health: &HashMap<String, HealthRecord>,
+        health: &RegionalHealth,
         policies: &HashMap<String, OrgPolicy>,
     ) -> Snapshot {
-        let backends = topology
+        let mut backends: Vec<BackendLive> = topology
             .backends
             .iter()
             .map(|b| {
                 let decision = admin.get(&*b.id).cloned().unwrap_or_default();
-                let record = health.get(&*b.id).cloned();
                 BackendLive {
-                    health: record.as_ref().map_or(Health::Up, |r| r.state),
-                    latency_us: record.as_ref().map_or(0, |r| r.latency_us),
+                    health: Health::Up,
+                    latency_us: 0,
                     drained: decision.drained,
                     weight: decision.weight.unwrap_or(b.weight),
-                    record,
+                    record: None,
+                    views: Vec::new(),
                 }
             })
             .collect();
+        for (key, record) in health {
+            if let Some(b) = topology.backends.iter().find(|b| *b.id == key.backend) {
+                backends[b.idx].set_view(&topology.region, &key.region, record.clone());
+            }
+        }
         let mut orgs = HashMap::new();
         for (name, policy) in policies {
             match Org::from_policy(name, policy, topology) {
@@ -167,15 +202,13 @@ impl ClusterState {
         self.snapshot.load_full()
     }
 
-    /// Applies a health record this node just produced, without waiting for the store.
-    pub fn apply_health(&self, backend: usize, record: HealthRecord) {
+    /// Applies a health record this node just produced (its region's view, `region`
+    /// being this node's), without waiting for the store.
+    pub fn apply_health(&self, backend: usize, region: &str, record: HealthRecord) {
         let before = self.snapshot.load().backends[backend].weighed();
         self.snapshot.rcu(|current| {
             let mut backends = current.backends.clone();
-            let live = &mut backends[backend];
-            live.health = record.state;
-            live.latency_us = record.latency_us;
-            live.record = Some(record.clone());
+            backends[backend].set_view(region, region, record.clone());
             Arc::new(Snapshot {
                 backends,
                 orgs: current.orgs.clone(),
@@ -290,6 +323,7 @@ pub async fn run_refresher(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::HealthKey;
     use crate::store::MemoryStore;
 
     fn settings() -> Settings {
@@ -346,12 +380,16 @@ mod tests {
         state.reload(&topology, &store).await.unwrap();
         epoch_after("a reload that finds what the node already had", 0);
         store
-            .set_health("a", &health(Health::Up, 1_000), ttl)
+            .set_health(
+                &HealthKey::new(&topology.region, "a"),
+                &health(Health::Up, 1_000),
+                ttl,
+            )
             .await
             .unwrap();
         state.reload(&topology, &store).await.unwrap();
         epoch_after("a probe that changes nothing placement weighs", 0);
-        state.apply_health(0, health(Health::Up, 1_500));
+        state.apply_health(0, &topology.region, health(Health::Up, 1_500));
         epoch_after("a probe applied locally, latency in the same bucket", 0);
 
         store
@@ -360,14 +398,77 @@ mod tests {
             .unwrap();
         state.reload(&topology, &store).await.unwrap();
         epoch_after("a drain", 1);
-        state.apply_health(0, health(Health::Down, 1_500));
+        state.apply_health(0, &topology.region, health(Health::Down, 1_500));
         epoch_after("a health state flip", 2);
-        state.apply_health(0, health(Health::Down, 90_000));
+        state.apply_health(0, &topology.region, health(Health::Down, 90_000));
         epoch_after("a latency bucket change", 3);
         let mut policy = config_policies(&settings).remove(0).1;
         policy.tag_authorities = Some(vec!["a".into()]);
         store.put_policy("acme", &policy).await.unwrap();
         state.reload(&topology, &store).await.unwrap();
         epoch_after("a policy change", 4);
+    }
+
+    #[tokio::test]
+    async fn a_node_goes_by_its_own_regions_view_else_another_regions() {
+        let settings = settings();
+        let topology = Topology::from_settings(&settings);
+        let own = topology.region.clone();
+        let store = MemoryStore::new();
+        store
+            .seed_policies(&config_policies(&settings))
+            .await
+            .unwrap();
+        let state = ClusterState::new(
+            Snapshot::from_config(&topology, &settings),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let ttl = Duration::from_secs(60);
+        let at = |state: Health, checked_at_ms: u64| HealthRecord {
+            checked_at_ms,
+            ..health(state, 1_000)
+        };
+        let seen = |state: &ClusterState| {
+            let snapshot = state.load();
+            (
+                snapshot.backends[0].health,
+                snapshot.backends[0].views.len(),
+            )
+        };
+
+        // Only another region has probed `a`: its view is all this node has.
+        store
+            .set_health(&HealthKey::new("far", "a"), &at(Health::Down, 10), ttl)
+            .await
+            .unwrap();
+        state.reload(&topology, &store).await.unwrap();
+        assert_eq!(seen(&state), (Health::Down, 1));
+
+        // Among other regions, the most recent view.
+        store
+            .set_health(&HealthKey::new("near", "a"), &at(Health::Up, 20), ttl)
+            .await
+            .unwrap();
+        state.reload(&topology, &store).await.unwrap();
+        assert_eq!(seen(&state), (Health::Up, 2));
+
+        // Its own region's view wins, however old, and whatever the others say.
+        store
+            .set_health(&HealthKey::new("near", "a"), &at(Health::Up, 40), ttl)
+            .await
+            .unwrap();
+        store
+            .set_health(&HealthKey::new(&own, "a"), &at(Health::Down, 30), ttl)
+            .await
+            .unwrap();
+        state.reload(&topology, &store).await.unwrap();
+        assert_eq!(seen(&state), (Health::Down, 3));
+        state.apply_health(0, &own, at(Health::Up, 50));
+        assert_eq!(seen(&state), (Health::Up, 3));
+        assert_eq!(
+            state.load().backends[1].views.len(),
+            0,
+            "b was never probed"
+        );
     }
 }

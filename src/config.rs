@@ -97,6 +97,12 @@ pub enum StoreSettings {
         /// The password the Sentinels themselves require, when they do.
         #[serde(default)]
         sentinel_password: Option<String>,
+        /// A replica in this node's region (`redis://` or `rediss://`, standalone, same
+        /// password and `tls_ca` rules as `url`) that snapshot reloads, holder and tag
+        /// reads and the event subscription use; writes still go to `url`. When it cannot
+        /// be reached, reads go to `url`.
+        #[serde(default)]
+        read_url: Option<String>,
     },
 }
 
@@ -108,9 +114,11 @@ impl fmt::Debug for StoreSettings {
                 url,
                 tls_ca,
                 sentinel_password,
+                read_url,
             } => f
                 .debug_struct("Redis")
                 .field("url", &crate::store::redact(url))
+                .field("read_url", &read_url.as_deref().map(crate::store::redact))
                 .field("tls_ca", tls_ca)
                 .field(
                     "sentinel_password",
@@ -129,6 +137,7 @@ impl StoreSettings {
             url,
             tls_ca,
             sentinel_password,
+            ..
         } = self
         else {
             return Ok(None);
@@ -139,19 +148,56 @@ impl StoreSettings {
         };
         let mut target =
             crate::store::RedisTarget::parse(url).map_err(|e| problem("store.url", e))?;
-        if let Some(path) = tls_ca {
-            let pem = std::fs::read(path)
-                .map_err(|e| problem("store.tls_ca", format!("cannot read '{path}': {e}")))?;
-            target = target
-                .with_tls_ca(pem)
-                .map_err(|e| problem("store.tls_ca", format!("'{path}' {e}")))?;
-        }
+        target = Self::with_tls_ca(target, tls_ca)?;
         if let Some(password) = sentinel_password {
             target = target
                 .with_sentinel_password(password.clone())
                 .map_err(|e| problem("store.sentinel_password", e))?;
         }
         Ok(Some(target))
+    }
+
+    /// The regional replica reads go to (`store.read_url`), if one is set.
+    pub fn redis_read_target(&self) -> Result<Option<crate::store::RedisTarget>, Problem> {
+        let StoreSettings::Redis {
+            read_url: Some(url),
+            tls_ca,
+            ..
+        } = self
+        else {
+            return Ok(None);
+        };
+        let target = crate::store::RedisTarget::parse(url).map_err(|reason| Problem {
+            key: "store.read_url".into(),
+            reason,
+        })?;
+        if !matches!(target.shape, crate::store::RedisShape::Standalone { .. }) {
+            return Err(Problem {
+                key: "store.read_url".into(),
+                reason: format!(
+                    "'{}' must name one server (redis:// or rediss://): a replica in this node's region",
+                    crate::store::redact(url)
+                ),
+            });
+        }
+        Self::with_tls_ca(target, tls_ca).map(Some)
+    }
+
+    fn with_tls_ca(
+        target: crate::store::RedisTarget,
+        tls_ca: &Option<String>,
+    ) -> Result<crate::store::RedisTarget, Problem> {
+        let Some(path) = tls_ca else {
+            return Ok(target);
+        };
+        let problem = |reason: String| Problem {
+            key: "store.tls_ca".into(),
+            reason,
+        };
+        let pem = std::fs::read(path).map_err(|e| problem(format!("cannot read '{path}': {e}")))?;
+        target
+            .with_tls_ca(pem)
+            .map_err(|e| problem(format!("'{path}' {e}")))
     }
 }
 
@@ -674,7 +720,17 @@ impl Settings {
         if self.server.workers == Some(0) {
             problem("server.workers".into(), "must be at least 1".into());
         }
+        // The region names this node's health records in the store and a metric label.
+        if !is_identifier(&self.server.region) || self.server.region.len() > 64 {
+            problem(
+                "server.region".into(),
+                format!("'{}' must be [a-z0-9_-]+, at most 64", self.server.region),
+            );
+        }
         if let Err(p) = self.store.redis_target() {
+            problem(p.key, p.reason);
+        }
+        if let Err(p) = self.store.redis_read_target() {
             problem(p.key, p.reason);
         }
         if let Some(listen) = &self.admin.listen {
@@ -1200,6 +1256,20 @@ mod tests {
             err.contains("store.url") && !err.contains("redis-s3cret"),
             "{err}"
         );
+        // The regional replica is one server; a bad region is named.
+        let replica = "[server]\nlisten = \"127.0.0.1:0\"\nregion = \"EU West\"\n[store]\ntype = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\nread_url = \"redis+sentinel://:redis-s3cret@127.0.0.1:26379/m\"\n";
+        let err = Settings::from_toml(replica, []).unwrap_err().to_string();
+        assert!(
+            err.contains("store.read_url")
+                && err.contains("server.region")
+                && !err.contains("redis-s3cret"),
+            "{err}"
+        );
+        let fine = replica.replace("EU West", "eu-west").replace(
+            "redis+sentinel://:redis-s3cret@127.0.0.1:26379/m",
+            "redis://127.0.0.1:6380",
+        );
+        assert!(Settings::from_toml(&fine, []).is_ok());
 
         // A mistyped secret is not echoed back either.
         let typed = "[server]\nlisten = \"127.0.0.1:0\"\n[[backends]]\nid = \"a\"\nurl = \"https://a\"\nusername = \"u\"\npassword = [\"918273645\"]\n";

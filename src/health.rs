@@ -1,5 +1,5 @@
-//! Active health checks. Every interval, for each backend, the node that wins the probe
-//! lease asks the backend's `/v2/` and fetches its canary blob through the real delivery
+//! Active health checks. Every interval, for each backend, one node of each region (the
+//! one that wins that region's probe lease) asks the backend's `/v2/` and fetches its canary blob through the real delivery
 //! path (a healthy API in front of a broken CDN is still a broken backend), folds the result
 //! into the shared record with hysteresis, and announces state changes to every node.
 
@@ -11,7 +11,7 @@ use actix_web::http::{Method, StatusCode};
 
 use crate::config::HealthSettings;
 use crate::gateway::{Detected, Gateway};
-use crate::model::{unix_ms, Delivery, Health, HealthRecord};
+use crate::model::{unix_ms, Delivery, Health, HealthKey, HealthRecord};
 use crate::store::EVENT_RESYNC;
 use crate::topology::{Backend, Credentials};
 use crate::upstream::{header_str, Call, Upstream};
@@ -106,7 +106,10 @@ async fn probe_backend(
     settings: &HealthSettings,
     node: &str,
 ) {
-    let lease = format!("probe:{}", backend.id);
+    // One probe per (region, backend): a backend reachable from one region may not be
+    // from another, so each region keeps its own view.
+    let region = &gw.topology.region;
+    let lease = format!("probe:{region}:{}", backend.id);
     match gw.store.try_lease(&lease, node, settings.interval).await {
         Ok(true) => {}
         Ok(false) => return,
@@ -133,7 +136,12 @@ async fn probe_backend(
             .with_label_values(&[&backend.id])
             .inc();
     }
-    let previous = gw.state.load().backends[backend.idx].record.clone();
+    // Hysteresis continues this region's record, never another region's.
+    let previous = gw.state.load().backends[backend.idx]
+        .views
+        .iter()
+        .find(|(r, _)| r == region)
+        .map(|(_, record)| record.clone());
     let record = fold(
         previous.as_ref(),
         &probe,
@@ -143,11 +151,15 @@ async fn probe_backend(
     );
     let changed = previous.as_ref().map(|p| p.state) != Some(record.state);
     if changed {
-        tracing::warn!(backend = &*backend.id, from = ?previous.as_ref().map(|p| p.state), to = ?record.state, reason = %record.reason, "backend health changed");
+        tracing::warn!(backend = &*backend.id, region = %region, from = ?previous.as_ref().map(|p| p.state), to = ?record.state, reason = %record.reason, "backend health changed");
     }
     if let Err(e) = gw
         .store
-        .set_health(&backend.id, &record, settings.interval * 3)
+        .set_health(
+            &HealthKey::new(region, &backend.id),
+            &record,
+            settings.interval * 3,
+        )
         .await
     {
         tracing::debug!(error = %e, "cannot share a health record");
@@ -157,7 +169,7 @@ async fn probe_backend(
             tracing::debug!(error = %e, "cannot announce a health change");
         }
     }
-    gw.state.apply_health(backend.idx, record);
+    gw.state.apply_health(backend.idx, region, record);
 }
 
 /// The API answer, then the canary through the delivery path clients would take.

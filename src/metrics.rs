@@ -116,8 +116,11 @@ impl Metrics {
                     .buckets(LATENCY_BUCKETS.to_vec())
             )),
             backend_health: register!(IntGaugeVec::new(
-                Opts::new("regatta_backend_health", "Backend health as this node sees it: 2 up, 1 degraded, 0 down"),
-                &["backend", "region"]
+                Opts::new(
+                    "regatta_backend_health",
+                    "Backend health as the nodes of region probed_from see it (region: the backend's): 2 up, 1 degraded, 0 down"
+                ),
+                &["backend", "region", "probed_from"]
             )),
             backend_drained: register!(IntGaugeVec::new(
                 Opts::new("regatta_backend_drained", "1 while an operator has drained the backend"),
@@ -223,28 +226,38 @@ impl Metrics {
             .inc();
     }
 
-    pub fn set_backend(
+    /// Sets one backend's gauges: `views` is each region's view of its health (this
+    /// node's region's first when it has none, so every backend has a series).
+    pub fn set_backend<'a>(
         &self,
         id: &str,
         region: &str,
-        health: Health,
+        views: impl IntoIterator<Item = (&'a str, Health)>,
         drained: bool,
         latency_s: f64,
     ) {
-        let value = match health {
-            Health::Up => 2,
-            Health::Degraded => 1,
-            Health::Down => 0,
-        };
-        self.backend_health
-            .with_label_values(&[id, region])
-            .set(value);
+        for (probed_from, health) in views {
+            let value = match health {
+                Health::Up => 2,
+                Health::Degraded => 1,
+                Health::Down => 0,
+            };
+            self.backend_health
+                .with_label_values(&[id, region, probed_from])
+                .set(value);
+        }
         self.backend_drained
             .with_label_values(&[id])
             .set(drained as i64);
         self.backend_latency_seconds
             .with_label_values(&[id])
             .set(latency_s);
+    }
+
+    /// Forgets every backend health series (before setting them again from a snapshot,
+    /// so a region whose view expired leaves no series behind).
+    pub fn clear_backend_health(&self) {
+        self.backend_health.reset();
     }
 
     /// The text exposition of every metric.

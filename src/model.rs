@@ -167,7 +167,28 @@ pub struct AdminState {
     pub weight: Option<u32>,
 }
 
-/// The shared result of active health checks on one backend.
+/// Whose view of a backend's health a record is: probes run per (region, backend), since a
+/// backend reachable from one region may not be from another.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HealthKey {
+    /// The region of the nodes that probed it.
+    pub region: String,
+    pub backend: String,
+}
+
+impl HealthKey {
+    pub fn new(region: &str, backend: &str) -> HealthKey {
+        HealthKey {
+            region: region.to_owned(),
+            backend: backend.to_owned(),
+        }
+    }
+}
+
+/// Health records in force, by (probing region, backend).
+pub type RegionalHealth = std::collections::HashMap<HealthKey, HealthRecord>;
+
+/// The shared result of active health checks on one backend, from one region.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthRecord {
     pub state: Health,

@@ -44,8 +44,12 @@ impl Application {
         let store: Arc<dyn Store> = match settings.store.redis_target() {
             Err(problem) => anyhow::bail!("{problem}"),
             Ok(None) => Arc::new(MemoryStore::new()),
-            Ok(Some(target)) => Arc::new(RedisStore::new(
+            Ok(Some(target)) => Arc::new(RedisStore::with_replica(
                 target,
+                settings
+                    .store
+                    .redis_read_target()
+                    .map_err(|problem| anyhow::anyhow!("{problem}"))?,
                 RecordCheck::new(record_limits(&settings), &metrics.store_invalid_records),
             )),
         };

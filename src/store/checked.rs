@@ -15,7 +15,7 @@ use std::time::Duration;
 use prometheus::{IntCounter, IntCounterVec};
 use serde::de::DeserializeOwned;
 
-use crate::model::{AdminState, HealthRecord, OrgPolicy, TagRecord};
+use crate::model::{AdminState, HealthKey, HealthRecord, OrgPolicy, TagRecord};
 
 /// How far another node's clock may run ahead of this one's before a time it wrote counts
 /// as being in the future.
@@ -23,6 +23,15 @@ pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(5);
 
 /// Distinct bad records logged at most; past this they are only counted.
 const MAX_LOGGED: usize = 4096;
+
+/// A region name as `server.region` allows it, bounded so that regions read from the store
+/// keep metric labels few and short.
+fn is_region(region: &str) -> bool {
+    (1..=64).contains(&region.len())
+        && region
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'_')
+}
 
 /// The kinds of shared record, the `kind` label of `regatta_store_invalid_records_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -135,9 +144,23 @@ impl RecordCheck {
         self.json(Kind::Admin, &at, raw)
     }
 
-    /// A health record of backend `id`, if it is still in force.
-    pub fn health(&self, key: &str, id: &str, raw: &[u8], now_ms: u64) -> Option<HealthRecord> {
-        let at = format!("{key}/{id}");
+    /// A health record, if it is still in force. `field` is `<region>/<backend>`: the region
+    /// whose nodes probed the backend. A field without a region was written by a version
+    /// that kept one record per backend; it is passed over (it expires within three probe
+    /// intervals) without counting as invalid.
+    pub fn health(
+        &self,
+        key: &str,
+        field: &str,
+        raw: &[u8],
+        now_ms: u64,
+    ) -> Option<(HealthKey, HealthRecord)> {
+        let at = format!("{key}/{field}");
+        let (region, id) = field.split_once('/')?;
+        if !is_region(region) {
+            self.reject(Kind::Health, &at, raw, "the region is not [a-z0-9_-]{1,64}");
+            return None;
+        }
         if !self.known_backend(id) {
             self.reject(Kind::Health, &at, raw, "no backend has this id here");
             return None;
@@ -158,7 +181,7 @@ impl RecordCheck {
                 self.reject(Kind::Health, &at, raw, why);
                 None
             }
-            None => (e.expires_ms > now_ms).then_some(e.record),
+            None => (e.expires_ms > now_ms).then(|| (HealthKey::new(region, id), e.record)),
         }
     }
 
@@ -294,22 +317,43 @@ mod tests {
             )
         };
         let fresh = record(NOW - 1000, NOW + 10_000);
-        assert!(check.health("h", "hub", fresh.as_bytes(), NOW).is_some());
+        assert!(check.health("h", "eu/hub", fresh.as_bytes(), NOW).is_some());
         let expired = record(NOW - 60_000, NOW - 1);
-        assert!(check.health("h", "hub", expired.as_bytes(), NOW).is_none());
+        assert!(check
+            .health("h", "eu/hub", expired.as_bytes(), NOW)
+            .is_none());
         assert_eq!(
             count(&counter, "health"),
             0,
             "an expired record is not invalid"
         );
         let ahead = record(NOW + 3_600_000, NOW + 3_610_000);
-        assert!(check.health("h", "hub", ahead.as_bytes(), NOW).is_none());
+        assert!(check.health("h", "eu/hub", ahead.as_bytes(), NOW).is_none());
         let forever = record(NOW, u64::MAX);
-        assert!(check.health("h", "hub", forever.as_bytes(), NOW).is_none());
+        assert!(check
+            .health("h", "eu/hub", forever.as_bytes(), NOW)
+            .is_none());
         // Within the allowed skew.
         let skewed = record(NOW + 4_000, NOW + 19_000);
-        assert!(check.health("h", "hub", skewed.as_bytes(), NOW).is_some());
+        assert!(check
+            .health("h", "eu/hub", skewed.as_bytes(), NOW)
+            .is_some());
         assert_eq!(count(&counter, "health"), 2);
+        let (key, _) = check.health("h", "us/hub", fresh.as_bytes(), NOW).unwrap();
+        assert_eq!(key, HealthKey::new("us", "hub"));
+        assert!(check.health("h", "hub", fresh.as_bytes(), NOW).is_none());
+        assert_eq!(
+            count(&counter, "health"),
+            2,
+            "an older version's field is no error"
+        );
+        assert!(check
+            .health("h", "EU!/hub", fresh.as_bytes(), NOW)
+            .is_none());
+        assert!(check
+            .health("h", "eu/ghost", fresh.as_bytes(), NOW)
+            .is_none());
+        assert_eq!(count(&counter, "health"), 4);
     }
 
     #[test]

@@ -9,7 +9,9 @@ use moka::sync::Cache;
 use tokio::sync::broadcast;
 
 use super::{invalidate_where, AdminChange, Store, StoreError};
-use crate::model::{AdminState, HealthRecord, Holding, OrgPolicy, TagRecord};
+use crate::model::{
+    AdminState, HealthKey, HealthRecord, Holding, OrgPolicy, RegionalHealth, TagRecord,
+};
 use crate::oci::{Digest, RepoName, Tag};
 
 type HolderKey = (RepoName, Digest, Box<str>);
@@ -24,7 +26,7 @@ pub struct MemoryStore {
 #[derive(Default)]
 struct Shared {
     admin: HashMap<String, AdminState>,
-    health: HashMap<String, (HealthRecord, Instant)>,
+    health: HashMap<HealthKey, (HealthRecord, Instant)>,
     policies: HashMap<String, OrgPolicy>,
     seeded: bool,
 }
@@ -150,7 +152,7 @@ impl Store for MemoryStore {
         Ok(state.clone())
     }
 
-    async fn health(&self) -> Result<HashMap<String, HealthRecord>, StoreError> {
+    async fn health(&self) -> Result<RegionalHealth, StoreError> {
         let now = Instant::now();
         Ok(self
             .shared()
@@ -163,13 +165,13 @@ impl Store for MemoryStore {
 
     async fn set_health(
         &self,
-        backend: &str,
+        key: &HealthKey,
         record: &HealthRecord,
         ttl: Duration,
     ) -> Result<(), StoreError> {
         self.shared()
             .health
-            .insert(backend.to_owned(), (record.clone(), Instant::now() + ttl));
+            .insert(key.clone(), (record.clone(), Instant::now() + ttl));
         Ok(())
     }
 

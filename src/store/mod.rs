@@ -23,9 +23,11 @@ pub use self::checked::{
 };
 pub use self::memory::MemoryStore;
 pub use self::redis::{RedisStore, MAX_FACTS_PER_DIGEST};
-pub use self::redis_target::{redact, RedisTarget};
+pub use self::redis_target::{redact, RedisTarget, Shape as RedisShape};
 
-use crate::model::{AdminState, HealthRecord, Holding, OrgPolicy, TagRecord};
+use crate::model::{
+    AdminState, HealthKey, HealthRecord, Holding, OrgPolicy, RegionalHealth, TagRecord,
+};
 use crate::oci::{Digest, RepoName, Tag};
 
 /// Published when shared state changes, so every node reloads its snapshot at once.
@@ -119,10 +121,12 @@ pub trait Store: Send + Sync + 'static {
         change: AdminChange,
     ) -> Result<AdminState, StoreError>;
 
-    async fn health(&self) -> Result<HashMap<String, HealthRecord>, StoreError>;
+    /// Every health record in force, from every region.
+    async fn health(&self) -> Result<RegionalHealth, StoreError>;
+    /// Shares one region's view of one backend.
     async fn set_health(
         &self,
-        backend: &str,
+        key: &HealthKey,
         record: &HealthRecord,
         ttl: Duration,
     ) -> Result<(), StoreError>;

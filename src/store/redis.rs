@@ -1,5 +1,8 @@
 //! The cluster store: Redis, standalone, Sentinel or Cluster, with TLS and passwords as
-//! `store.url` says (`redis_target.rs`).
+//! `store.url` says (`redis_target.rs`), and optionally a replica in the node's region
+//! (`store.read_url`): record reads (snapshot, holders, tags) and the event subscription go
+//! there while it answers, to the primary for a second after it fails; writes, scripts and
+//! leases always go to the primary.
 //!
 //! Key schema (every command and every script touches one key, so Cluster needs no
 //! cross-slot command):
@@ -14,7 +17,8 @@
 //! - `regatta:admin` HASH, field `<backend>` = JSON `AdminState` (operator decisions, no
 //!   TTL). A change is one script that reads, changes and writes the field, so concurrent
 //!   changes through different nodes are all kept.
-//! - `regatta:health` HASH, field `<backend>` = JSON `{record, expires_ms}`.
+//! - `regatta:health` HASH, field `<region>/<backend>` = JSON `{record, expires_ms}`: one
+//!   region's view of one backend (the region of the nodes that probe it).
 //! - `regatta:policies` HASH, field `<org>` = JSON `OrgPolicy`; field `@seeded` marks that
 //!   the configuration seeded it once (written by the same script as the seeds, after
 //!   them, so a seeding that fails halfway is retried).
@@ -43,7 +47,9 @@ use tokio::sync::{broadcast, oneshot};
 use super::checked::{Expiring, Kind, RecordCheck};
 use super::redis_target::{RedisTarget, Shape};
 use super::{corrupt, AdminChange, Store, StoreError, EVENT_RESYNC};
-use crate::model::{unix_ms, AdminState, HealthRecord, Holding, OrgPolicy, TagRecord};
+use crate::model::{
+    unix_ms, AdminState, HealthKey, HealthRecord, Holding, OrgPolicy, RegionalHealth, TagRecord,
+};
 use crate::oci::{Digest, RepoName, Tag};
 
 const CHANNEL: &str = "regatta:events";
@@ -166,13 +172,43 @@ pub struct RedisStore {
 }
 
 struct Shared {
-    target: RedisTarget,
-    conn: ArcSwapOption<Conn>,
-    connecting: tokio::sync::Mutex<()>,
+    /// `store.url`: every write, and reads while there is no replica to ask.
+    primary: Endpoint,
+    /// `store.read_url`: the replica in this node's region, asked for reads first.
+    replica: Option<Replica>,
     events: broadcast::Sender<String>,
     errors: AtomicU64,
 }
 
+/// One Redis deployment and its (lazily made) connection.
+struct Endpoint {
+    target: RedisTarget,
+    conn: ArcSwapOption<Conn>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+struct Replica {
+    endpoint: Endpoint,
+    /// Until when (ms since `since`) reads skip the replica after it failed one.
+    skip_until_ms: AtomicU64,
+    since: std::time::Instant,
+}
+
+/// How long reads go to the primary after the replica failed one.
+const REPLICA_BACKOFF: Duration = Duration::from_secs(1);
+
+impl Replica {
+    fn usable(&self) -> bool {
+        self.since.elapsed().as_millis() as u64 >= self.skip_until_ms.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self) {
+        let until = (self.since.elapsed() + REPLICA_BACKOFF).as_millis() as u64;
+        self.skip_until_ms.store(until, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone)]
 enum Request {
     Cmd(Cmd),
     Pipe(redis::Pipeline),
@@ -185,6 +221,16 @@ enum Request {
 
 impl RedisStore {
     pub fn new(target: RedisTarget, check: RecordCheck) -> RedisStore {
+        RedisStore::with_replica(target, None, check)
+    }
+
+    /// A store that writes to `target` and reads from `replica` (a server in this node's
+    /// region) while it answers, from `target` when it does not.
+    pub fn with_replica(
+        target: RedisTarget,
+        replica: Option<RedisTarget>,
+        check: RecordCheck,
+    ) -> RedisStore {
         let (shutdown, stopped) = oneshot::channel::<()>();
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -203,9 +249,12 @@ impl RedisStore {
         let runtime = handle_rx.recv().expect("the redis I/O thread starts");
         RedisStore {
             shared: Arc::new(Shared {
-                target,
-                conn: ArcSwapOption::empty(),
-                connecting: tokio::sync::Mutex::new(()),
+                primary: Endpoint::new(target),
+                replica: replica.map(|target| Replica {
+                    endpoint: Endpoint::new(target),
+                    skip_until_ms: AtomicU64::new(0),
+                    since: std::time::Instant::now(),
+                }),
                 events: broadcast::channel(256).0,
                 errors: AtomicU64::new(0),
             }),
@@ -217,15 +266,28 @@ impl RedisStore {
     }
 
     fn cluster(&self) -> bool {
-        self.shared.target.shape == Shape::Cluster
+        self.shared.primary.target.shape == Shape::Cluster
     }
 
     /// Runs `request` on the store's runtime, returning Redis's own error.
     async fn exec_raw(&self, request: Request) -> redis::RedisResult<redis::Value> {
+        self.on_runtime(request, false).await
+    }
+
+    /// Runs a read: at the replica when there is one that answers, else at the primary.
+    async fn read_raw(&self, request: Request) -> redis::RedisResult<redis::Value> {
+        self.on_runtime(request, true).await
+    }
+
+    async fn on_runtime(&self, request: Request, read: bool) -> redis::RedisResult<redis::Value> {
         let shared = self.shared.clone();
-        let call = self
-            .runtime
-            .spawn(async move { shared.exec(request).await });
+        let call = self.runtime.spawn(async move {
+            if read {
+                shared.read(request).await
+            } else {
+                shared.primary.exec(request).await
+            }
+        });
         let joined = tracing::Instrument::instrument(call, tracing::info_span!("redis")).await;
         joined.unwrap_or_else(|e| {
             Err(redis::RedisError::from((
@@ -274,7 +336,7 @@ impl RedisStore {
         kind: Kind,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let reply = self
-            .exec_raw(Request::Cmd(redis::cmd("HGETALL").arg(key).clone()))
+            .read_raw(Request::Cmd(redis::cmd("HGETALL").arg(key).clone()))
             .await;
         let value = match reply {
             Ok(v) => v,
@@ -319,9 +381,21 @@ impl RedisStore {
             let mut backoff = Duration::from_millis(100);
             loop {
                 let started = std::time::Instant::now();
-                let outcome = match shared.target.shape {
-                    Shape::Cluster => subscribe_sharded(&shared.target, &shared.events).await,
-                    _ => subscribe_once(&shared.target, &shared.events).await,
+                let primary = &shared.primary.target;
+                let outcome = match (&shared.replica, &primary.shape) {
+                    (_, Shape::Cluster) => subscribe_sharded(primary, &shared.events).await,
+                    // Redis passes PUBLISH on to replicas: listen in this region, and at
+                    // the primary while the replica cannot be reached.
+                    (Some(replica), _) => {
+                        match subscribe_once(&replica.endpoint.target, &shared.events).await {
+                            Ok(()) => Ok(()),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot subscribe at the replica; subscribing at the primary");
+                                subscribe_once(primary, &shared.events).await
+                            }
+                        }
+                    }
+                    (None, _) => subscribe_once(primary, &shared.events).await,
                 };
                 match outcome {
                     Ok(()) => {
@@ -351,6 +425,31 @@ impl Drop for RedisStore {
 }
 
 impl Shared {
+    /// A read at the replica, falling back to the primary when the replica fails (a
+    /// wrong-type answer is about the data, not the server, and is returned as it is).
+    async fn read(&self, request: Request) -> redis::RedisResult<redis::Value> {
+        if let Some(replica) = self.replica.as_ref().filter(|r| r.usable()) {
+            match replica.endpoint.exec(request.clone()).await {
+                Err(e) if e.code() != Some("WRONGTYPE") => {
+                    tracing::debug!(error = %e, "replica read failed; reading at the primary");
+                    replica.failed();
+                }
+                answer => return answer,
+            }
+        }
+        self.primary.exec(request).await
+    }
+}
+
+impl Endpoint {
+    fn new(target: RedisTarget) -> Endpoint {
+        Endpoint {
+            target,
+            conn: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
     async fn connect(target: &RedisTarget) -> redis::RedisResult<Conn> {
         match target.shape {
             Shape::Standalone { .. } => Ok(Conn::Single(
@@ -555,7 +654,7 @@ impl Store for RedisStore {
             cmd.arg(fact(repo, b, Holding::Has))
                 .arg(fact(repo, b, Holding::Lacks));
         }
-        let scores: Vec<Option<f64>> = match self.exec_raw(Request::Cmd(cmd)).await {
+        let scores: Vec<Option<f64>> = match self.read_raw(Request::Cmd(cmd)).await {
             Ok(v) => FromRedisValue::from_redis_value(v).map_err(|e| corrupt(&key, e))?,
             Err(e) if e.code() == Some("WRONGTYPE") => {
                 self.check
@@ -631,7 +730,7 @@ impl Store for RedisStore {
     async fn tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<TagRecord>, StoreError> {
         let key = tags_key(repo);
         let reply = self
-            .exec_raw(Request::Cmd(
+            .read_raw(Request::Cmd(
                 redis::cmd("HGET").arg(&key).arg(tag.as_str()).clone(),
             ))
             .await;
@@ -715,19 +814,19 @@ impl Store for RedisStore {
         serde_json::from_str(&json).map_err(|e| corrupt(ADMIN, e))
     }
 
-    async fn health(&self) -> Result<HashMap<String, HealthRecord>, StoreError> {
+    async fn health(&self) -> Result<RegionalHealth, StoreError> {
         let now = now_ms();
         Ok(self
             .hash_fields(HEALTH, Kind::Health)
             .await?
             .into_iter()
-            .filter_map(|(id, raw)| Some((id.clone(), self.check.health(HEALTH, &id, &raw, now)?)))
+            .filter_map(|(field, raw)| self.check.health(HEALTH, &field, &raw, now))
             .collect())
     }
 
     async fn set_health(
         &self,
-        backend: &str,
+        key: &HealthKey,
         record: &HealthRecord,
         ttl: Duration,
     ) -> Result<(), StoreError> {
@@ -735,7 +834,8 @@ impl Store for RedisStore {
             record,
             expires_ms: now_ms() + ttl.as_millis() as u64,
         };
-        self.hset_json(HEALTH, backend, &value).await
+        let field = format!("{}/{}", key.region, key.backend);
+        self.hset_json(HEALTH, &field, &value).await
     }
 
     async fn try_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, StoreError> {

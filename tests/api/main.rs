@@ -25,6 +25,7 @@ mod placement;
 mod plan;
 mod pulls;
 mod readiness;
+mod regions;
 mod secrets;
 mod soak;
 mod store;

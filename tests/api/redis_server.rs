@@ -208,6 +208,15 @@ impl Redis {
         }
     }
 
+    /// Calls of one command (lower case, e.g. `hgetall`) the server has processed.
+    pub fn calls(&self, command: &str) -> u64 {
+        let prefix = format!("cmdstat_{command}:calls=");
+        self.info("commandstats")
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Commands the server has processed, not counting the INFO calls that ask.
     pub fn commands_processed(&self) -> u64 {
         self.info("commandstats")

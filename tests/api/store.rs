@@ -208,11 +208,15 @@ async fn garbage_in_shared_state_is_skipped_counted_and_never_blocks_the_cluster
     hset("regatta:admin", b"b", br#"{"drained":"yes"}"#);
     hset("regatta:admin", b"ghost", br#"{"drained":true}"#);
     hset("regatta:admin", b"\xff\xfe", b"x");
-    hset("regatta:health", b"a", b"not json");
+    hset("regatta:health", b"eu/a", b"not json");
     let future_probe = json!({"record": {"state": "down", "latency_us": 1, "ok_streak": 0,
         "fail_streak": 9, "checked_at_ms": now + 3_600_000, "node": "evil"},
         "expires_ms": now + 7_200_000});
-    hset("regatta:health", b"b", future_probe.to_string().as_bytes());
+    hset(
+        "regatta:health",
+        b"eu/b",
+        future_probe.to_string().as_bytes(),
+    );
     hset("regatta:policies", b"zeta", br#"{"backends":["ghost"]}"#);
     hset("regatta:policies", b"broken", b"{");
     let layer = &image.platform("amd64").layers[0].digest;
