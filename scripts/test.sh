@@ -22,6 +22,10 @@ tools=(
   docker-compose:docker-compose
   buildah:buildah
   python3:python3
+  curl:curl
+  ip:iproute2
+  bird:bird2
+  birdc:bird2
 )
 missing=()
 for pair in "${tools[@]}"; do
