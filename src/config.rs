@@ -160,6 +160,7 @@ impl StoreSettings {
     /// The regional replica reads go to (`store.read_url`), if one is set.
     pub fn redis_read_target(&self) -> Result<Option<crate::store::RedisTarget>, Problem> {
         let StoreSettings::Redis {
+            url: primary,
             read_url: Some(url),
             tls_ca,
             ..
@@ -167,18 +168,21 @@ impl StoreSettings {
         else {
             return Ok(None);
         };
-        let target = crate::store::RedisTarget::parse(url).map_err(|reason| Problem {
+        let problem = |reason: String| Problem {
             key: "store.read_url".into(),
             reason,
-        })?;
+        };
+        if primary.contains("+cluster://") {
+            return Err(problem(
+                "is for a standalone or Sentinel store.url (a Cluster spreads reads itself)".into(),
+            ));
+        }
+        let target = crate::store::RedisTarget::parse(url).map_err(problem)?;
         if !matches!(target.shape, crate::store::RedisShape::Standalone { .. }) {
-            return Err(Problem {
-                key: "store.read_url".into(),
-                reason: format!(
-                    "'{}' must name one server (redis:// or rediss://): a replica in this node's region",
-                    crate::store::redact(url)
-                ),
-            });
+            return Err(problem(format!(
+                "'{}' must name one server (redis:// or rediss://): a replica in this node's region",
+                crate::store::redact(url)
+            )));
         }
         Self::with_tls_ca(target, tls_ca).map(Some)
     }
@@ -1265,6 +1269,12 @@ mod tests {
                 && !err.contains("redis-s3cret"),
             "{err}"
         );
+        let clustered = replica.replace(
+            "redis://127.0.0.1:6379",
+            "redis+cluster://127.0.0.1:7000,127.0.0.1:7001",
+        );
+        let err = Settings::from_toml(&clustered, []).unwrap_err().to_string();
+        assert!(err.contains("Cluster"), "{err}");
         let fine = replica.replace("EU West", "eu-west").replace(
             "redis+sentinel://:redis-s3cret@127.0.0.1:26379/m",
             "redis://127.0.0.1:6380",

@@ -1,8 +1,9 @@
 //! The cluster store: Redis, standalone, Sentinel or Cluster, with TLS and passwords as
 //! `store.url` says (`redis_target.rs`), and optionally a replica in the node's region
 //! (`store.read_url`): record reads (snapshot, holders, tags) and the event subscription go
-//! there while it answers, to the primary for a second after it fails; writes, scripts and
-//! leases always go to the primary.
+//! there while it answers and holds the cluster's data (the `@seeded` marker: an empty,
+//! unsynced server would make every org vanish), to the primary for a second after it
+//! fails; writes, scripts and leases always go to the primary.
 //!
 //! Key schema (every command and every script touches one key, so Cluster needs no
 //! cross-slot command):
@@ -191,20 +192,68 @@ struct Replica {
     endpoint: Endpoint,
     /// Until when (ms since `since`) reads skip the replica after it failed one.
     skip_until_ms: AtomicU64,
+    /// Until when (ms since `since`) the replica counts as holding the cluster's data.
+    synced_until_ms: AtomicU64,
     since: std::time::Instant,
 }
 
-/// How long reads go to the primary after the replica failed one.
+/// How long reads go to the primary after the replica failed one, and how long a replica
+/// found holding the cluster's data is trusted before it is asked again.
 const REPLICA_BACKOFF: Duration = Duration::from_secs(1);
 
 impl Replica {
+    fn now_ms(&self) -> u64 {
+        self.since.elapsed().as_millis() as u64
+    }
+
     fn usable(&self) -> bool {
-        self.since.elapsed().as_millis() as u64 >= self.skip_until_ms.load(Ordering::Relaxed)
+        self.now_ms() >= self.skip_until_ms.load(Ordering::Relaxed)
     }
 
     fn failed(&self) {
-        let until = (self.since.elapsed() + REPLICA_BACKOFF).as_millis() as u64;
+        self.skip_for(REPLICA_BACKOFF);
+    }
+
+    fn skip_for(&self, pause: Duration) {
+        let until = self.now_ms() + pause.as_millis() as u64;
         self.skip_until_ms.store(until, Ordering::Relaxed);
+    }
+
+    /// Whether the replica holds the cluster's data: the marker the one-time seeding
+    /// writes. A replica still in its first sync, or a restarted server that is not yet
+    /// following the primary, is empty: reading it would make every org vanish from the
+    /// snapshot. Asked at most once per [`REPLICA_BACKOFF`] while the answer is yes.
+    async fn synced(&self) -> bool {
+        if self.now_ms() < self.synced_until_ms.load(Ordering::Relaxed) {
+            return true;
+        }
+        let ask = redis::cmd("HEXISTS")
+            .arg(POLICIES)
+            .arg(SEEDED_FIELD)
+            .clone();
+        let marked = self
+            .endpoint
+            .exec(Request::Cmd(ask))
+            .await
+            .map(|v| i64::from_redis_value(v).unwrap_or(0));
+        match marked {
+            Ok(1) => {
+                let until = self.now_ms() + REPLICA_BACKOFF.as_millis() as u64;
+                self.synced_until_ms.store(until, Ordering::Relaxed);
+                true
+            }
+            Ok(_) => {
+                // Typically a sync about to finish: ask again soon.
+                tracing::debug!("the replica holds no cluster data yet; reading at the primary");
+                self.skip_for(REPLICA_BACKOFF / 5);
+                false
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "replica unreachable; reading at the primary");
+                self.failed();
+                false
+            }
+        }
     }
 }
 
@@ -253,6 +302,7 @@ impl RedisStore {
                 replica: replica.map(|target| Replica {
                     endpoint: Endpoint::new(target),
                     skip_until_ms: AtomicU64::new(0),
+                    synced_until_ms: AtomicU64::new(0),
                     since: std::time::Instant::now(),
                 }),
                 events: broadcast::channel(256).0,
@@ -382,20 +432,31 @@ impl RedisStore {
             loop {
                 let started = std::time::Instant::now();
                 let primary = &shared.primary.target;
-                let outcome = match (&shared.replica, &primary.shape) {
+                let replica = match primary.shape {
+                    Shape::Cluster => None,
+                    _ => shared.usable_replica().await,
+                };
+                let never = std::future::pending::<()>;
+                let outcome = match (replica, &primary.shape) {
                     (_, Shape::Cluster) => subscribe_sharded(primary, &shared.events).await,
                     // Redis passes PUBLISH on to replicas: listen in this region, and at
-                    // the primary while the replica cannot be reached.
+                    // the primary while the replica cannot be reached or has not synced
+                    // (moving back to the replica once it can be used).
                     (Some(replica), _) => {
-                        match subscribe_once(&replica.endpoint.target, &shared.events).await {
+                        let target = &replica.endpoint.target;
+                        match subscribe_once(target, &shared.events, never()).await {
                             Ok(()) => Ok(()),
                             Err(e) => {
                                 tracing::warn!(error = %e, "cannot subscribe at the replica; subscribing at the primary");
-                                subscribe_once(primary, &shared.events).await
+                                subscribe_once(primary, &shared.events, shared.replica_usable())
+                                    .await
                             }
                         }
                     }
-                    (None, _) => subscribe_once(primary, &shared.events).await,
+                    (None, _) if shared.replica.is_some() => {
+                        subscribe_once(primary, &shared.events, shared.replica_usable()).await
+                    }
+                    (None, _) => subscribe_once(primary, &shared.events, never()).await,
                 };
                 match outcome {
                     Ok(()) => {
@@ -425,10 +486,27 @@ impl Drop for RedisStore {
 }
 
 impl Shared {
+    /// The replica, when there is one that answered lately and holds the cluster's data.
+    async fn usable_replica(&self) -> Option<&Replica> {
+        let replica = self.replica.as_ref().filter(|r| r.usable())?;
+        replica.synced().await.then_some(replica)
+    }
+
+    /// Resolves once the replica can be used again (checked every second).
+    async fn replica_usable(&self) {
+        loop {
+            tokio::time::sleep(REPLICA_BACKOFF).await;
+            if self.usable_replica().await.is_some() {
+                tracing::info!("replica usable again; moving the event subscription there");
+                return;
+            }
+        }
+    }
+
     /// A read at the replica, falling back to the primary when the replica fails (a
     /// wrong-type answer is about the data, not the server, and is returned as it is).
     async fn read(&self, request: Request) -> redis::RedisResult<redis::Value> {
-        if let Some(replica) = self.replica.as_ref().filter(|r| r.usable()) {
+        if let Some(replica) = self.usable_replica().await {
             match replica.endpoint.exec(request.clone()).await {
                 Err(e) if e.code() != Some("WRONGTYPE") => {
                     tracing::debug!(error = %e, "replica read failed; reading at the primary");
@@ -527,9 +605,11 @@ fn timed_out(what: &'static str) -> redis::RedisError {
 }
 
 /// Standalone and Sentinel: SUBSCRIBE on the (current) master.
+/// Ends (`Ok`) when the connection does, or when `until` resolves.
 async fn subscribe_once(
     target: &RedisTarget,
     events: &broadcast::Sender<String>,
+    until: impl std::future::Future<Output = ()>,
 ) -> redis::RedisResult<()> {
     let client = match target.shape {
         Shape::Sentinel { .. } => {
@@ -546,12 +626,20 @@ async fn subscribe_once(
     tracing::info!("subscribed to redis events");
     let _ = events.send(EVENT_RESYNC.to_owned());
     let mut messages = pubsub.into_on_message();
-    while let Some(msg) = messages.next().await {
-        if let Ok(payload) = msg.get_payload::<String>() {
-            let _ = events.send(payload);
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            msg = messages.next() => match msg {
+                Some(msg) => {
+                    if let Ok(payload) = msg.get_payload::<String>() {
+                        let _ = events.send(payload);
+                    }
+                }
+                None => return Ok(()),
+            },
+            () = &mut until => return Ok(()),
         }
     }
-    Ok(())
 }
 
 /// Cluster: SSUBSCRIBE through a cluster connection of its own (RESP3), which finds the

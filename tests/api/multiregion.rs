@@ -64,6 +64,36 @@ impl Drop for Namespaces {
     }
 }
 
+/// On a failure, prints the end of every log under a directory (the test's work directory
+/// goes with the test).
+struct LogsOnFailure<'a>(&'a Path);
+
+impl Drop for LogsOnFailure<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.0)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        logs.sort();
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("==> {} <==", log.display());
+            for line in &lines[lines.len().saturating_sub(25)..] {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
 /// Runs a short command and panics with its output unless it succeeds.
 fn sh(args: &[&str]) -> String {
     let mut cmd = Command::new(args[0]);
@@ -177,7 +207,12 @@ impl Region {
     }
 
     fn start_redis(&mut self) {
-        let conf = deploy_file(&format!("redis-{}.conf", self.name));
+        // Redis rewrites its configuration when a Sentinel reconfigures it: a copy, kept
+        // across restarts as a host would keep it.
+        let conf = self.dir.join("redis.conf");
+        if !conf.exists() {
+            std::fs::copy(deploy_file(&format!("redis-{}.conf", self.name)), &conf).unwrap();
+        }
         let dir = self.dir.join("redis");
         std::fs::create_dir_all(&dir).unwrap();
         self.redis = Some(self.spawn(
@@ -554,6 +589,7 @@ fn two_regions_behind_one_anycast_address() {
         "network namespaces need root: run scripts/test.sh as root (CI does)"
     );
     let work = tempfile::tempdir().unwrap();
+    let _logs = LogsOnFailure(work.path());
 
     // The image, pushed once on loopback; both regions' registries serve a copy of that
     // registry's storage, so they hold the same bytes under the same digests.

@@ -121,13 +121,24 @@ async fn reads_go_to_the_regional_replica_and_fall_back_to_the_primary() {
     };
     // The reader sits by the replica; the writer has only the primary.
     let reader = spawn_app(&backends(
-        Config::new().redis_with(&primary.url(), &[("read_url", &replica.url())]),
+        Config::new()
+            .redis_with(&primary.url(), &[("read_url", &replica.url())])
+            .refresh("200ms"),
     ))
     .await;
     let writer = spawn_app(&backends(Config::new().redis(&primary.url()))).await;
 
     let manifest = &image.platform("amd64").manifest.digest;
     let layer = &image.platform("amd64").layers[0].digest;
+    // Once the seeded policies have reached the replica, the reader's snapshot reloads
+    // come from there.
+    let reloads = replica.calls("hgetall");
+    eventually(
+        "the reader to reload from the replica",
+        Duration::from_secs(10),
+        || async { replica.calls("hgetall") > reloads },
+    )
+    .await;
     let holder_reads = replica.calls("zmscore");
     assert_eq!(
         reader
@@ -146,16 +157,14 @@ async fn reads_go_to_the_regional_replica_and_fall_back_to_the_primary() {
             redis.query(redis::cmd("PUBSUB").arg("NUMSUB").arg("regatta:events"));
         reply.1
     };
-    assert_eq!(
-        subscribers(&replica),
-        1,
-        "the reader listens at the replica"
-    );
-    assert_eq!(
-        subscribers(&primary),
-        1,
-        "the writer listens at the primary"
-    );
+    // The reader listens at the replica (at the primary only until the replica held the
+    // cluster's data), the writer at the primary.
+    eventually(
+        "the reader to listen at the replica, the writer at the primary",
+        Duration::from_secs(10),
+        || async { (subscribers(&replica), subscribers(&primary)) == (1, 1) },
+    )
+    .await;
 
     // A drain written through the writer reaches the reader through the replica: the
     // PUBLISH replicated, and the snapshot reloaded from there.
@@ -173,6 +182,27 @@ async fn reads_go_to_the_regional_replica_and_fall_back_to_the_primary() {
     assert!(replica.calls("hgetall") > snapshot_reads);
     let on_primary: String = primary.query(redis::cmd("HGET").arg("regatta:admin").arg("a"));
     assert!(on_primary.contains("\"drained\":true"), "{on_primary}");
+
+    // A read_url naming a server that holds nothing of the cluster (a replica still in its
+    // first sync, a restarted server not yet following the primary) is not read from: the
+    // node sees the orgs and the drain through the primary.
+    let empty = Redis::start();
+    let third = spawn_app(&backends(
+        Config::new().redis_with(&primary.url(), &[("read_url", &empty.url())]),
+    ))
+    .await;
+    eventually(
+        "a node with an empty read_url to load the drain from the primary",
+        Duration::from_secs(10),
+        || async { third.blob_backend("acme/app", layer).await == "b" },
+    )
+    .await;
+    assert_eq!(
+        empty.calls("hgetall"),
+        0,
+        "no snapshot from an empty server"
+    );
+    drop(third);
 
     // Replica gone: reads and the subscription fall back to the primary.
     replica.kill();
