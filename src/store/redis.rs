@@ -249,7 +249,7 @@ impl Replica {
                 false
             }
             Err(e) => {
-                tracing::debug!(error = %e, "replica unreachable; reading at the primary");
+                tracing::warn!(error = %e, "regional replica unreachable; reading at the primary");
                 self.failed();
                 false
             }
@@ -509,7 +509,8 @@ impl Shared {
         if let Some(replica) = self.usable_replica().await {
             match replica.endpoint.exec(request.clone()).await {
                 Err(e) if e.code() != Some("WRONGTYPE") => {
-                    tracing::debug!(error = %e, "replica read failed; reading at the primary");
+                    // At most once per REPLICA_BACKOFF: the replica is skipped meanwhile.
+                    tracing::warn!(error = %e, "regional replica read failed; reading at the primary");
                     replica.failed();
                 }
                 answer => return answer,

@@ -533,7 +533,17 @@ impl RedisSentinel {
     pub fn fail_over(&self) -> &Redis {
         let replica = self.replica.as_ref().expect("started with a replica");
         let port = replica.port.to_string();
-        let answer = self.ask(&["sentinel", "failover", "regatta"]);
+        // A Sentinel refuses to promote a replica whose last INFO is older than 5 s
+        // (NOGOODSLAVE), and asks replicas only every 10 s: ask again until it agrees.
+        let mut answer = String::new();
+        wait_until(
+            "the sentinel to accept a failover",
+            Duration::from_secs(30),
+            || {
+                answer = self.ask(&["sentinel", "failover", "regatta"]);
+                answer.contains("OK") || !answer.contains("NOGOODSLAVE")
+            },
+        );
         assert!(answer.contains("OK"), "sentinel failover: {answer}");
         wait_until(
             "the replica to be the master",
