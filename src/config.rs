@@ -245,8 +245,8 @@ pub struct AdminSettings {
     pub token: Option<Secret>,
 }
 
-/// Active health checks. One node per interval probes each backend (a lease in the store)
-/// and every node uses the result.
+/// Active health checks. One node of each region per interval probes each backend (a lease
+/// per region and backend in the store); every node of that region goes by the result.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthSettings {
