@@ -66,6 +66,11 @@ pub const MAX_FACTS_PER_DIGEST: usize = 10_000;
 /// Redis calls give up quickly: a node must never stall on its store.
 const RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pauses before an admin write is tried again. Admin writes are rare and idempotent (each
+/// sets a value), and an operator's drain should not fail on one slow reply or a cluster
+/// slot on the move: with three attempts of at most `RESPONSE_TIMEOUT` each, a dead store
+/// is still reported within two seconds.
+const ADMIN_RETRY_PAUSES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(300)];
 
 /// KEYS[1] the digest's facts; ARGV: member to set, member to clear, its expiry, now, the
 /// latest expiry a fact may have, the most facts kept (all times Unix ms).
@@ -376,6 +381,25 @@ impl RedisStore {
             })
             .await?;
         T::from_redis_value(value).map_err(|e| corrupt(key, e))
+    }
+
+    /// Runs an idempotent admin write, trying it again after a pause while the store is
+    /// unavailable (see [`ADMIN_RETRY_PAUSES`]).
+    async fn patiently<T, F, Fut>(&self, mut write: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        for pause in ADMIN_RETRY_PAUSES {
+            match write().await {
+                Err(StoreError::Unavailable(reason)) => {
+                    tracing::debug!(%reason, ?pause, "admin write not answered; trying again");
+                    tokio::time::sleep(pause).await;
+                }
+                done => return done,
+            }
+        }
+        write().await
     }
 
     /// Every field of the hash `key` whose name is text. A key of another type is one
@@ -899,7 +923,9 @@ impl Store for RedisStore {
             field.as_bytes().to_vec(),
             value.into_bytes(),
         ];
-        let json: String = self.script(&UPDATE_ADMIN, ADMIN, args).await?;
+        let json: String = self
+            .patiently(|| self.script(&UPDATE_ADMIN, ADMIN, args.clone()))
+            .await?;
         serde_json::from_str(&json).map_err(|e| corrupt(ADMIN, e))
     }
 
@@ -972,7 +998,8 @@ impl Store for RedisStore {
     }
 
     async fn put_policy(&self, org: &str, policy: &OrgPolicy) -> Result<(), StoreError> {
-        self.hset_json(POLICIES, org, policy).await
+        self.patiently(|| self.hset_json(POLICIES, org, policy))
+            .await
     }
 
     async fn delete_policy(&self, org: &str) -> Result<bool, StoreError> {
@@ -991,8 +1018,8 @@ impl Store for RedisStore {
         } else {
             "PUBLISH"
         };
-        self.query::<()>(redis::cmd(command).arg(CHANNEL).arg(event))
-            .await
+        let publish = redis::cmd(command).arg(CHANNEL).arg(event).clone();
+        self.patiently(|| self.query::<()>(&publish)).await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<String> {
