@@ -369,6 +369,12 @@ async fn put_org(
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid org policy: {e}")),
     };
+    if gw.topology.upstreams.group(&name).is_some() {
+        return error(
+            StatusCode::CONFLICT,
+            format!("'{name}' names an upstream group of this node ([[upstreams]]); an org cannot have that name"),
+        );
+    }
     if let Err(reason) = Org::from_policy(&name, &policy, &gw.topology) {
         return error(
             StatusCode::BAD_REQUEST,

@@ -118,6 +118,22 @@ impl Snapshot {
                 }
             }
         }
+        // Mirror mode's groups come from this node's configuration and take their names
+        // over from any org policy (the configuration check and the admin API refuse such
+        // an org; a policy written by a node configured otherwise may still exist).
+        for group in topology.upstreams.groups() {
+            if orgs.contains_key(&group.name) {
+                tracing::warn!(org = %group.name, "an org policy has the name of an upstream group; serving the group");
+            }
+            match Org::upstream_group(&group.name, &group.policy, topology) {
+                Ok(org) => {
+                    orgs.insert(group.name.clone(), Arc::new(org));
+                }
+                Err(reason) => {
+                    tracing::warn!(upstream = %group.name, %reason, "ignoring an upstream group this node cannot serve")
+                }
+            }
+        }
         Snapshot {
             backends,
             orgs,

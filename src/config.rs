@@ -42,6 +42,10 @@ pub struct Settings {
     pub backends: Vec<BackendSettings>,
     #[serde(default)]
     pub orgs: Vec<OrgSettings>,
+    /// Mirror mode: registries this node mirrors (`[[upstreams]]`), chosen per request by
+    /// containerd's `ns` parameter, a host prefix in the path, or the default group.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamGroupSettings>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -510,6 +514,48 @@ impl OrgSettings {
     }
 }
 
+/// One upstream registry of mirror mode (`[[upstreams]]`): served like an org whose
+/// repositories keep their full name on the backends (`library/alpine` stays
+/// `library/alpine`). Always public.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamGroupSettings {
+    /// The registry's host name (`docker.io`): matched against `ns=` and a host prefix in
+    /// the path (`/v2/docker.io/library/alpine/...`).
+    pub name: String,
+    /// Other host names (with a port when it is part of them) that select this group.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Backend ids in order of preference among otherwise equal backends.
+    pub backends: Vec<String>,
+    /// Serves requests that carry neither `ns` nor a host prefix (at most one group).
+    #[serde(default)]
+    pub default: bool,
+    /// The backends asked what a tag points at, in order (default: every backend).
+    #[serde(default)]
+    pub tag_authorities: Option<Vec<String>>,
+    /// How long a tag's digest is trusted before asking the authority again.
+    #[serde(default = "crate::model::default_tag_ttl", with = "humantime_serde")]
+    pub tag_ttl: Duration,
+    /// Per backend, a path put in front of the repository on that backend:
+    /// `{ harbor = "dockerhub-proxy" }` makes `library/alpine` into
+    /// `dockerhub-proxy/library/alpine` there (a Harbor proxy-cache project).
+    #[serde(default)]
+    pub prefixes: BTreeMap<String, String>,
+}
+
+impl UpstreamGroupSettings {
+    /// The group's serving policy, checked and served like an org's.
+    pub fn policy(&self) -> OrgPolicy {
+        OrgPolicy {
+            backends: self.backends.clone(),
+            tag_authorities: self.tag_authorities.clone(),
+            tag_ttl: self.tag_ttl,
+            prefixes: self.prefixes.clone(),
+        }
+    }
+}
+
 fn default_region() -> String {
     "default".into()
 }
@@ -888,7 +934,65 @@ impl Settings {
                 );
             }
         }
+        self.upstream_problems(&backend_ids, &mut out);
         out
+    }
+
+    /// Problems of `[[upstreams]]`: each group served like an org; names and aliases unique
+    /// across groups and distinct from org names (a path's first segment must say which it
+    /// is); at most one default group.
+    fn upstream_problems(&self, backend_ids: &[&str], out: &mut Vec<Problem>) {
+        let mut problem = |key: String, reason: String| out.push(Problem { key, reason });
+        let mut keys: std::collections::HashMap<String, String> = self
+            .orgs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (o.name.clone(), format!("orgs[{i}]")))
+            .collect();
+        let mut default: Option<usize> = None;
+        for (i, group) in self.upstreams.iter().enumerate() {
+            for (key, reason) in group.policy().problems(&group.name, backend_ids) {
+                let reason = if key == "name" {
+                    format!("'{}' must be a registry host name without a port, in lower case (e.g. docker.io)", group.name)
+                } else {
+                    reason
+                };
+                problem(format!("upstreams[{i}].{key}"), reason);
+            }
+            let names = std::iter::once(("name".to_owned(), &group.name)).chain(
+                group
+                    .aliases
+                    .iter()
+                    .enumerate()
+                    .map(|(j, a)| (format!("aliases[{j}]"), a)),
+            );
+            for (key, name) in names {
+                let key = format!("upstreams[{i}].{key}");
+                if key.contains("aliases")
+                    && (!is_host_and_port(name) || name.to_ascii_lowercase() != *name)
+                {
+                    problem(
+                        key.clone(),
+                        format!("'{name}' is not a registry host name (with an optional port) in lower case"),
+                    );
+                }
+                match keys.get(name.as_str()) {
+                    Some(owner) => problem(key, format!("'{name}' is also the name of {owner}")),
+                    None => {
+                        keys.insert(name.clone(), format!("upstreams[{i}]"));
+                    }
+                }
+            }
+            if group.default {
+                match default {
+                    Some(first) => problem(
+                        format!("upstreams[{i}].default"),
+                        format!("upstreams[{first}] is the default group already; only one can be"),
+                    ),
+                    None => default = Some(i),
+                }
+            }
+        }
     }
 }
 
@@ -1116,6 +1220,66 @@ mod tests {
         ] {
             assert!(keys.contains(&want), "missing {want} in {problems:?}");
         }
+    }
+
+    #[test]
+    fn upstream_groups_are_checked() {
+        let text = r#"
+            [server]
+            listen = "127.0.0.1:0"
+            [[backends]]
+            id = "hub"
+            url = "http://127.0.0.1:1"
+            [[orgs]]
+            name = "acme"
+            backends = ["hub"]
+            [[upstreams]]
+            name = "docker.io"
+            aliases = ["acme", "Index.Docker.io", "with/path"]
+            backends = ["hub", "ghost"]
+            default = true
+            [[upstreams]]
+            name = "registry.local:5000"
+            aliases = ["docker.io"]
+            backends = ["hub"]
+            default = true
+        "#;
+        let ConfigError::Invalid(problems) = load_str(text, &[]).unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        let found = |key: &str, words: &str| {
+            problems
+                .iter()
+                .any(|p| p.key == key && p.reason.contains(words))
+        };
+        for (key, words) in [
+            ("upstreams[0].backends[1]", "no backend has id 'ghost'"),
+            ("upstreams[0].aliases[0]", "orgs[0]"),
+            ("upstreams[0].aliases[1]", "lower case"),
+            ("upstreams[0].aliases[2]", "host name"),
+            ("upstreams[1].name", "without a port"),
+            ("upstreams[1].aliases[0]", "upstreams[0]"),
+            ("upstreams[1].default", "upstreams[0] is the default"),
+        ] {
+            assert!(found(key, words), "no {key} ({words}) in {problems:#?}");
+        }
+        let good = r#"
+            [server]
+            listen = "127.0.0.1:0"
+            [[backends]]
+            id = "hub"
+            url = "http://127.0.0.1:1"
+            [[upstreams]]
+            name = "docker.io"
+            aliases = ["index.docker.io", "registry-1.docker.io"]
+            backends = ["hub"]
+            default = true
+            [upstreams.prefixes]
+            hub = "dockerhub-proxy"
+        "#;
+        let settings = load_str(good, &[]).unwrap();
+        assert_eq!(settings.upstreams[0].aliases.len(), 2);
+        assert!(settings.upstreams[0].default);
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod gateway;
 pub mod health;
 pub mod limits;
 pub mod metrics;
+pub mod mirror;
 pub mod model;
 pub mod oci;
 pub mod placement;

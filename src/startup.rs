@@ -317,12 +317,14 @@ async fn dispatch(
 ) -> HttpResponse {
     let started = std::time::Instant::now();
     let id = request_id(&req);
+    // Mirror mode: the upstream group this request is for (the path as sent otherwise).
+    let routed = gw.route_path(&req);
+    let group = routed.as_ref().ok().and_then(|r| r.group);
     // The warm path: a blob redirect already decided under the current epoch, its metrics
     // resolved when it was decided.
-    let warm = if req.method() == Method::GET {
-        gw.knowledge.redirect(req.path())
-    } else {
-        None
+    let warm = match &routed {
+        Ok(r) if req.method() == Method::GET => gw.knowledge.redirect(&r.path),
+        _ => None,
     };
     if let Some(hit) = warm {
         gw.metrics.redirect_hits.inc();
@@ -338,7 +340,7 @@ async fn dispatch(
             .observe(started.elapsed().as_secs_f64());
         if tracing::enabled!(tracing::Level::INFO) {
             let span = tracing::info_span!("request", request_id = %id, http.method = "GET", http.target = req.path());
-            log_request(&span, &req, "blob", &response, started);
+            log_request(&span, &req, "blob", group, &response, started);
         }
         return response;
     }
@@ -352,14 +354,19 @@ async fn dispatch(
         http.target = req.path(),
     );
     crate::telemetry::continue_trace(&span, req.headers());
-    let (route, result) =
-        tracing::Instrument::instrument(answer(&req, &gw, &up), span.clone()).await;
+    let (route, result) = match routed {
+        Ok(routed) => {
+            tracing::Instrument::instrument(answer(&req, &routed.path, &gw, &up), span.clone())
+                .await
+        }
+        Err(e) => (route_kind(req.path()), Err(e)),
+    };
     let mut response = match result {
         Ok(response) => response,
         Err(e) => actix_web::ResponseError::error_response(&e),
     };
     set_request_id(&mut response, &id);
-    let org = org_label(&gw, req.path());
+    let org = group.unwrap_or_else(|| org_label(&gw, req.path()));
     gw.metrics
         .requests
         .with_label_values(&[
@@ -374,9 +381,17 @@ async fn dispatch(
         .with_label_values(&[route])
         .observe(started.elapsed().as_secs_f64());
     if tracing::enabled!(tracing::Level::INFO) {
-        log_request(&span, &req, route, &response, started);
+        log_request(&span, &req, route, group, &response, started);
     }
     response
+}
+
+/// The route label of a path as sent (for a request refused before it was routed).
+fn route_kind(path: &str) -> &'static str {
+    match route::parse(path) {
+        Some(Ok(route)) => route.kind(),
+        _ => "invalid",
+    }
 }
 
 fn set_request_id(response: &mut HttpResponse, id: &str) {
@@ -393,6 +408,7 @@ fn log_request(
     span: &tracing::Span,
     req: &HttpRequest,
     route: &str,
+    group: Option<&str>,
     response: &HttpResponse,
     started: std::time::Instant,
 ) {
@@ -406,6 +422,8 @@ fn log_request(
         method = %req.method(),
         path = req.path(),
         route,
+        // The upstream group of mirror mode (`-`: an org's request).
+        ns = group.unwrap_or("-"),
         status = response.status().as_u16(),
         backend,
         micros = started.elapsed().as_micros() as u64,
@@ -426,12 +444,15 @@ fn org_label<'a>(gw: &Gateway, path: &'a str) -> &'a str {
     }
 }
 
+/// The answer to a request whose path (`path`, rewritten for an upstream group in mirror
+/// mode) is parsed into a route.
 async fn answer(
     req: &HttpRequest,
+    path: &str,
     gw: &Gateway,
     up: &Upstream,
 ) -> (&'static str, Result<HttpResponse, ApiError>) {
-    let Some(parsed) = route::parse(req.path()) else {
+    let Some(parsed) = route::parse(path) else {
         return (
             "unknown",
             Err(ApiError::NameUnknown(format!(

@@ -53,6 +53,9 @@ pub struct Org {
     pub policy: OrgPolicy,
     /// Per backend index, the path that replaces the org name on that backend.
     prefixes: HashMap<BackendIdx, String>,
+    /// An upstream group of mirror mode (`[[upstreams]]`): its name is a registry host
+    /// (`docker.io`) that is not part of repository names on its backends.
+    pub upstream_group: bool,
 }
 
 impl Org {
@@ -81,14 +84,40 @@ impl Org {
                 .map(|(id, prefix)| (index(id), prefix.clone()))
                 .collect(),
             policy: policy.clone(),
+            upstream_group: false,
         })
     }
 
-    /// The repository path on `backend` for gateway repository `name`.
+    /// An upstream group of mirror mode from its policy: an org named after the registry
+    /// host whose repositories keep their full name on its backends.
+    pub fn upstream_group(
+        name: &str,
+        policy: &OrgPolicy,
+        topology: &Topology,
+    ) -> Result<Org, String> {
+        Ok(Org {
+            upstream_group: true,
+            ..Org::from_policy(name, policy, topology)?
+        })
+    }
+
+    /// The repository path on `backend` for gateway repository `name`. In an upstream
+    /// group the group's name is not part of it: `docker.io/library/alpine` is
+    /// `library/alpine` (or `<prefix>/library/alpine`) on the backend.
     pub fn backend_repo(&self, backend: BackendIdx, name: &RepoName) -> String {
-        match self.prefixes.get(&backend) {
-            Some(prefix) => format!("{prefix}/{}", name.path_in_org()),
-            None => name.as_str().to_owned(),
+        match (self.prefixes.get(&backend), self.upstream_group) {
+            (Some(prefix), _) => format!("{prefix}/{}", name.path_in_org()),
+            (None, true) => name.path_in_org().to_owned(),
+            (None, false) => name.as_str().to_owned(),
+        }
+    }
+
+    /// The repository name as a client of this org or group calls it (tag lists).
+    pub fn client_repo<'n>(&self, name: &'n RepoName) -> &'n str {
+        if self.upstream_group {
+            name.path_in_org()
+        } else {
+            name.as_str()
         }
     }
 }
@@ -97,6 +126,8 @@ impl Org {
 pub struct Topology {
     pub region: String,
     pub backends: Vec<Backend>,
+    /// Mirror mode's upstream groups and the names that select them.
+    pub upstreams: crate::mirror::Upstreams,
 }
 
 impl Topology {
@@ -132,6 +163,7 @@ impl Topology {
         Topology {
             region: settings.server.region.clone(),
             backends,
+            upstreams: crate::mirror::Upstreams::from_settings(&settings.upstreams),
         }
     }
 

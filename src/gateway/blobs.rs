@@ -147,8 +147,16 @@ fn remember_redirect(
             .requests
             .with_label_values(&["blob", "GET", "307", name.org()]),
     );
+    // The warm path looks the redirect up by the routed path (`Gateway::route_path`): for
+    // an upstream group that is the group's name and the repository, whatever the client
+    // sent (`ns`, a host prefix, or nothing).
+    let key = if gw.topology.upstreams.group(name.org()).is_some() {
+        std::borrow::Cow::Owned(format!("/v2/{name}/blobs/{digest}"))
+    } else {
+        std::borrow::Cow::Borrowed(req.path())
+    };
     gw.knowledge.keep_redirect(
-        req.path(),
+        &key,
         epoch,
         location.clone(),
         id.clone(),

@@ -85,7 +85,7 @@ pub(super) async fn tags(
                 continue;
             }
         };
-        list.name = name.to_string();
+        list.name = org.client_repo(name).to_owned();
         // Paginate here too: some backends ignore `n` and `last`, and list tags in storage
         // order rather than the lexical order the spec asks for.
         let tags = list.tags.get_or_insert_with(Vec::new);

@@ -67,7 +67,11 @@ impl Gateway {
                 .backends
                 .iter()
                 .map(|b| (&*b.id, b.delivery.as_str())),
-            settings.orgs.iter().map(|o| o.name.as_str()),
+            settings
+                .orgs
+                .iter()
+                .map(|o| o.name.as_str())
+                .chain(settings.upstreams.iter().map(|u| u.name.as_str())),
         );
         Gateway {
             knowledge: Knowledge::new(
@@ -232,6 +236,32 @@ impl Gateway {
             _ => {}
         }
         result
+    }
+}
+
+impl Gateway {
+    /// Where a request goes in mirror mode: its path rewritten for an upstream group (by
+    /// `ns`, a host prefix or the default group), or as sent when it is an org's or no
+    /// group is configured. Costs nothing when no group is configured.
+    pub fn route_path<'r>(
+        &'r self,
+        req: &'r HttpRequest,
+    ) -> Result<crate::mirror::Routed<'r, 'r>, ApiError> {
+        let upstreams = &self.topology.upstreams;
+        if upstreams.is_empty() {
+            return Ok(crate::mirror::Routed {
+                path: std::borrow::Cow::Borrowed(req.path()),
+                group: None,
+            });
+        }
+        let ns = crate::mirror::ns_param(req.query_string());
+        let snapshot = self.state.load();
+        upstreams.route(req.path(), ns.as_deref(), |first| {
+            snapshot
+                .orgs
+                .get(first)
+                .is_some_and(|org| !org.upstream_group)
+        })
     }
 }
 
