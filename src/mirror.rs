@@ -48,6 +48,8 @@ pub struct Upstreams {
 pub struct Routed<'p, 'u> {
     pub path: Cow<'p, str>,
     pub group: Option<&'u str>,
+    /// What chose the group: `ns`, `prefix` or `default` (`-` for an org's request).
+    pub via: &'static str,
 }
 
 /// Longest `ns` value echoed back in an error body.
@@ -102,10 +104,7 @@ impl Upstreams {
         ns: Option<&str>,
         is_org: impl Fn(&str) -> bool,
     ) -> Result<Routed<'p, '_>, ApiError> {
-        let unchanged = Routed {
-            path: Cow::Borrowed(path),
-            group: None,
-        };
+        let unchanged = Routed::as_sent(path);
         if self.groups.is_empty() {
             return Ok(unchanged);
         }
@@ -120,8 +119,8 @@ impl Upstreams {
                 // containerd with `override_path` sends both: the prefix is not part of
                 // the repository.
                 Some(group) => match prefixed {
-                    Some(p) if p.name == group.name => Ok(group.serve(path, first, tail)),
-                    _ => Ok(group.serve_whole(rest)),
+                    Some(p) if p.name == group.name => Ok(group.serve(path, first, tail, "ns")),
+                    _ => Ok(group.serve_whole(rest, "ns")),
                 },
                 None if is_org(first) => Ok(unchanged),
                 None => Err(ApiError::NameUnknown(format!(
@@ -131,21 +130,38 @@ impl Upstreams {
             };
         }
         if let Some(group) = prefixed {
-            return Ok(group.serve(path, first, tail));
+            return Ok(group.serve(path, first, tail, "prefix"));
         }
         if is_org(first) {
             return Ok(unchanged);
         }
         match self.default {
-            Some(i) => Ok(self.groups[i].serve_whole(rest)),
+            Some(i) => Ok(self.groups[i].serve_whole(rest, "default")),
             None => Ok(unchanged),
+        }
+    }
+}
+
+impl<'p> Routed<'p, '_> {
+    /// A request served as sent: an org's, or any when no group is configured.
+    pub fn as_sent(path: &'p str) -> Self {
+        Routed {
+            path: Cow::Borrowed(path),
+            group: None,
+            via: "-",
         }
     }
 }
 
 impl UpstreamGroup {
     /// `path` was `/v2/<first>/<tail>` with `first` naming this group.
-    fn serve<'p>(&self, path: &'p str, first: &str, tail: &str) -> Routed<'p, '_> {
+    fn serve<'p>(
+        &self,
+        path: &'p str,
+        first: &str,
+        tail: &str,
+        via: &'static str,
+    ) -> Routed<'p, '_> {
         let path = if first == self.name {
             Cow::Borrowed(path)
         } else {
@@ -154,14 +170,16 @@ impl UpstreamGroup {
         Routed {
             path,
             group: Some(&self.name),
+            via,
         }
     }
 
     /// `rest` (after `/v2/`) is a repository path of this group as sent.
-    fn serve_whole<'p>(&self, rest: &str) -> Routed<'p, '_> {
+    fn serve_whole<'p>(&self, rest: &str, via: &'static str) -> Routed<'p, '_> {
         Routed {
             path: Cow::Owned(format!("/v2/{}/{rest}", self.name)),
             group: Some(&self.name),
+            via,
         }
     }
 }
@@ -217,19 +235,21 @@ mod tests {
         Upstreams::from_settings(&settings.upstreams)
     }
 
-    fn route(path: &str, ns: Option<&str>) -> Result<(String, Option<String>), String> {
+    type Outcome = Result<(String, Option<String>, &'static str), String>;
+
+    fn route(path: &str, ns: Option<&str>) -> Outcome {
         upstreams()
             .route(path, ns, |first| first == "acme")
-            .map(|r| (r.path.into_owned(), r.group.map(str::to_owned)))
+            .map(|r| (r.path.into_owned(), r.group.map(str::to_owned), r.via))
             .map_err(|e| e.code().to_owned())
     }
 
-    fn to(path: &str, group: &str) -> Result<(String, Option<String>), String> {
-        Ok((path.to_owned(), Some(group.to_owned())))
+    fn to(path: &str, group: &str, via: &'static str) -> Outcome {
+        Ok((path.to_owned(), Some(group.to_owned()), via))
     }
 
-    fn org(path: &str) -> Result<(String, Option<String>), String> {
-        Ok((path.to_owned(), None))
+    fn org(path: &str) -> Outcome {
+        Ok((path.to_owned(), None, "-"))
     }
 
     #[test]
@@ -240,29 +260,41 @@ mod tests {
             (
                 "/v2/library/alpine/manifests/latest",
                 Some("docker.io"),
-                to(&format!("/v2/docker.io/library/alpine{m}"), "docker.io"),
+                to(
+                    &format!("/v2/docker.io/library/alpine{m}"),
+                    "docker.io",
+                    "ns",
+                ),
             ),
             (
                 "/v2/library/alpine/manifests/latest",
                 Some("Registry-1.Docker.IO"),
-                to(&format!("/v2/docker.io/library/alpine{m}"), "docker.io"),
+                to(
+                    &format!("/v2/docker.io/library/alpine{m}"),
+                    "docker.io",
+                    "ns",
+                ),
             ),
             (
                 "/v2/owner/tool/manifests/latest",
                 Some("ghcr.io"),
-                to(&format!("/v2/ghcr.io/owner/tool{m}"), "ghcr.io"),
+                to(&format!("/v2/ghcr.io/owner/tool{m}"), "ghcr.io", "ns"),
             ),
             // ns beats an org: the repository is the upstream's.
             (
                 "/v2/acme/app/manifests/latest",
                 Some("ghcr.io"),
-                to(&format!("/v2/ghcr.io/acme/app{m}"), "ghcr.io"),
+                to(&format!("/v2/ghcr.io/acme/app{m}"), "ghcr.io", "ns"),
             ),
             // ns and the same group's prefix (containerd override_path): one prefix.
             (
                 "/v2/index.docker.io/library/alpine/manifests/latest",
                 Some("docker.io"),
-                to(&format!("/v2/docker.io/library/alpine{m}"), "docker.io"),
+                to(
+                    &format!("/v2/docker.io/library/alpine{m}"),
+                    "docker.io",
+                    "ns",
+                ),
             ),
             // An unknown ns: the org's path still is the org's; anything else 404.
             (
@@ -279,17 +311,25 @@ mod tests {
             (
                 "/v2/docker.io/library/alpine/manifests/latest",
                 None,
-                to(&format!("/v2/docker.io/library/alpine{m}"), "docker.io"),
+                to(
+                    &format!("/v2/docker.io/library/alpine{m}"),
+                    "docker.io",
+                    "prefix",
+                ),
             ),
             (
                 "/v2/index.docker.io/library/alpine/manifests/latest",
                 None,
-                to(&format!("/v2/docker.io/library/alpine{m}"), "docker.io"),
+                to(
+                    &format!("/v2/docker.io/library/alpine{m}"),
+                    "docker.io",
+                    "prefix",
+                ),
             ),
             (
                 "/v2/ghcr.io/owner/tool/manifests/latest",
                 None,
-                to(&format!("/v2/ghcr.io/owner/tool{m}"), "ghcr.io"),
+                to(&format!("/v2/ghcr.io/owner/tool{m}"), "ghcr.io", "prefix"),
             ),
             // An org.
             (
@@ -301,12 +341,20 @@ mod tests {
             (
                 "/v2/library/busybox/manifests/latest",
                 None,
-                to(&format!("/v2/docker.io/library/busybox{m}"), "docker.io"),
+                to(
+                    &format!("/v2/docker.io/library/busybox{m}"),
+                    "docker.io",
+                    "default",
+                ),
             ),
             (
                 "/v2/someone/app/manifests/latest",
                 None,
-                to(&format!("/v2/docker.io/someone/app{m}"), "docker.io"),
+                to(
+                    &format!("/v2/docker.io/someone/app{m}"),
+                    "docker.io",
+                    "default",
+                ),
             ),
             // Not a repository path: left alone.
             ("/v2/", Some("docker.io"), org("/v2/")),

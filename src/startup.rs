@@ -319,7 +319,10 @@ async fn dispatch(
     let id = request_id(&req);
     // Mirror mode: the upstream group this request is for (the path as sent otherwise).
     let routed = gw.route_path(&req);
-    let group = routed.as_ref().ok().and_then(|r| r.group);
+    let (group, via) = match &routed {
+        Ok(r) => (r.group, r.via),
+        Err(_) => (None, "ns"),
+    };
     // The warm path: a blob redirect already decided under the current epoch, its metrics
     // resolved when it was decided.
     let warm = match &routed {
@@ -340,7 +343,7 @@ async fn dispatch(
             .observe(started.elapsed().as_secs_f64());
         if tracing::enabled!(tracing::Level::INFO) {
             let span = tracing::info_span!("request", request_id = %id, http.method = "GET", http.target = req.path());
-            log_request(&span, &req, "blob", group, &response, started);
+            log_request(&span, &req, "blob", (group, via), &response, started);
         }
         return response;
     }
@@ -381,7 +384,7 @@ async fn dispatch(
         .with_label_values(&[route])
         .observe(started.elapsed().as_secs_f64());
     if tracing::enabled!(tracing::Level::INFO) {
-        log_request(&span, &req, route, group, &response, started);
+        log_request(&span, &req, route, (group, via), &response, started);
     }
     response
 }
@@ -408,7 +411,7 @@ fn log_request(
     span: &tracing::Span,
     req: &HttpRequest,
     route: &str,
-    group: Option<&str>,
+    (group, via): (Option<&str>, &str),
     response: &HttpResponse,
     started: std::time::Instant,
 ) {
@@ -422,8 +425,9 @@ fn log_request(
         method = %req.method(),
         path = req.path(),
         route,
-        // The upstream group of mirror mode (`-`: an org's request).
+        // The upstream group of mirror mode and what chose it (`-`: an org's request).
         ns = group.unwrap_or("-"),
+        via,
         status = response.status().as_u16(),
         backend,
         micros = started.elapsed().as_micros() as u64,

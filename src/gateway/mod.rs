@@ -249,10 +249,7 @@ impl Gateway {
     ) -> Result<crate::mirror::Routed<'r, 'r>, ApiError> {
         let upstreams = &self.topology.upstreams;
         if upstreams.is_empty() {
-            return Ok(crate::mirror::Routed {
-                path: std::borrow::Cow::Borrowed(req.path()),
-                group: None,
-            });
+            return Ok(crate::mirror::Routed::as_sent(req.path()));
         }
         let ns = crate::mirror::ns_param(req.query_string());
         let snapshot = self.state.load();

@@ -73,6 +73,8 @@ pub fn read_layout(dir: &Path) -> Pulled {
 /// A podman with its own storage (vfs), so pulls never reuse another test's layers.
 pub struct Podman {
     dir: tempfile::TempDir,
+    /// `registries.conf` text replacing the system's (`CONTAINERS_REGISTRIES_CONF`).
+    registries: Option<PathBuf>,
 }
 
 impl Podman {
@@ -80,11 +82,29 @@ impl Podman {
         require("podman");
         Podman {
             dir: tempfile::tempdir().unwrap(),
+            registries: None,
         }
+    }
+
+    /// A podman reading `registries_conf` instead of the system's registries
+    /// configuration, whose lookups outside loopback go to a closed proxy port.
+    pub fn with_registries(registries_conf: &str) -> Podman {
+        let mut podman = Podman::new();
+        let path = podman.dir.path().join("registries.conf");
+        std::fs::write(&path, registries_conf).unwrap();
+        podman.registries = Some(path);
+        podman
     }
 
     fn cmd(&self) -> Command {
         let mut cmd = Command::new("podman");
+        if let Some(conf) = &self.registries {
+            let closed = format!("http://127.0.0.1:{}", crate::procs::free_port());
+            cmd.env("CONTAINERS_REGISTRIES_CONF", conf)
+                .env("HTTPS_PROXY", &closed)
+                .env("HTTP_PROXY", &closed)
+                .env("NO_PROXY", "127.0.0.0/8,localhost");
+        }
         cmd.arg("--root")
             .arg(self.dir.path().join("root"))
             .arg("--runroot")
@@ -181,6 +201,25 @@ impl Containerd {
             "--all-platforms",
             reference,
         ]);
+        self.pulled(cmd, reference)
+    }
+
+    /// `ctr images pull --hosts-dir HOSTS --all-platforms` (registry hosts, mirrors
+    /// included, from `HOSTS/<registry>/hosts.toml`), lookups outside loopback sent to a
+    /// closed proxy port; returns what `pull` returns.
+    pub fn pull_with_hosts(&self, reference: &str, hosts: &Path) -> Pulled {
+        let closed = format!("http://127.0.0.1:{}", crate::procs::free_port());
+        let mut cmd = self.ctr();
+        cmd.args(["images", "pull", "--all-platforms", "--hosts-dir"])
+            .arg(hosts)
+            .arg(reference)
+            .env("HTTPS_PROXY", &closed)
+            .env("HTTP_PROXY", &closed)
+            .env("NO_PROXY", "127.0.0.0/8,localhost");
+        self.pulled(cmd, reference)
+    }
+
+    fn pulled(&self, cmd: Command, reference: &str) -> Pulled {
         run_ok(cmd, PULL_LIMIT);
         let mut ls = self.ctr();
         ls.args(["images", "ls"]);
@@ -217,6 +256,11 @@ pub struct Dockerd {
 
 impl Dockerd {
     pub fn start() -> Dockerd {
+        Dockerd::start_with(&[])
+    }
+
+    /// A daemon started with more flags (e.g. `--registry-mirror URL`).
+    pub fn start_with(flags: &[&str]) -> Dockerd {
         require("dockerd");
         assert!(
             Path::new(DOCKER_CLI).is_file(),
@@ -239,6 +283,7 @@ impl Dockerd {
             .arg("-H")
             .arg(format!("unix://{}", d.join("docker.sock").display()))
             .args(["--iptables=false", "--ip6tables=false", "--bridge=none"])
+            .args(flags)
             .env("HTTPS_PROXY", &closed)
             .env("HTTP_PROXY", &closed)
             .env("NO_PROXY", "127.0.0.0/8,localhost");

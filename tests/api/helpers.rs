@@ -224,6 +224,19 @@ impl Config {
         self
     }
 
+    /// Logs in `format` (`json`, `pretty`) filtered by `filter` (instead of warnings only).
+    pub fn log(mut self, format: &str, filter: &str) -> Config {
+        let at = self.sections.find("[log]\n").expect("the log section");
+        let end = self.sections[at..]
+            .find("\n[")
+            .map_or(self.sections.len(), |e| at + e + 1);
+        self.sections.replace_range(
+            at..end,
+            &format!("[log]\nformat = \"{format}\"\nfilter = \"{filter}\"\n"),
+        );
+        self
+    }
+
     /// Shared state in the Redis at `url`.
     pub fn redis(self, url: &str) -> Config {
         self.redis_with(url, &[])
@@ -362,6 +375,28 @@ impl Config {
     pub fn timeouts(mut self, read_timeout: &str, request_deadline: &str) -> Config {
         self.sections.push_str(&format!(
             "[upstream]\nread_timeout = \"{read_timeout}\"\nrequest_deadline = \"{request_deadline}\"\n"
+        ));
+        self
+    }
+
+    /// A mirror-mode upstream group (`[[upstreams]]`).
+    pub fn upstream(
+        mut self,
+        name: &str,
+        aliases: &[&str],
+        backends: &[&str],
+        default: bool,
+    ) -> Config {
+        let quoted = |list: &[&str]| {
+            list.iter()
+                .map(|b| format!("\"{b}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        self.text.push_str(&format!(
+            "[[upstreams]]\nname = \"{name}\"\naliases = [{}]\nbackends = [{}]\ndefault = {default}\n",
+            quoted(aliases),
+            quoted(backends)
         ));
         self
     }

@@ -20,6 +20,7 @@ mod errors;
 mod freshness;
 mod listing;
 mod matrix;
+mod mirror;
 mod multiregion;
 mod observability;
 mod placement;
