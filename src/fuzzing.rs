@@ -27,11 +27,14 @@ pub const TARGETS: &[(&str, Target)] = &[
 ];
 
 /// `route::parse` on a request path: `None` exactly for paths outside `/v2`, a route that
-/// renders back to a path parsing to the same route, or a 4xx OCI error.
+/// renders back to a path parsing to the same route, or a 4xx OCI error. With a query
+/// (`path?query`), mirror mode's routing of it too (`mirror_route`).
 pub fn route(data: &[u8]) {
-    let Ok(path) = std::str::from_utf8(data) else {
+    let Ok(input) = std::str::from_utf8(data) else {
         return;
     };
+    let (path, query) = input.split_once('?').unwrap_or((input, ""));
+    mirror_route(path, query);
     let under_v2 = path == "/v2" || path.starts_with("/v2/");
     match crate::route::parse(path) {
         None => assert!(!under_v2, "{path:?} is under /v2 but parsed to nothing"),
@@ -66,6 +69,48 @@ pub fn route(data: &[u8]) {
                 "{path:?}: {status} for client input"
             );
         }
+    }
+}
+
+/// Mirror mode's routing with two groups (docker.io the default, ghcr.io) and an org
+/// `acme`: an error only for an `ns` naming no group (a 404), a group's path is under
+/// `/v2/<group>/` and parses (when it does) to a name in that group; otherwise the path is
+/// left as sent.
+fn mirror_route(path: &str, query: &str) {
+    static UPSTREAMS: std::sync::OnceLock<crate::mirror::Upstreams> = std::sync::OnceLock::new();
+    let upstreams = UPSTREAMS.get_or_init(|| {
+        let text = "[server]\nlisten = \"127.0.0.1:0\"\n\
+            [[backends]]\nid = \"hub\"\nurl = \"http://127.0.0.1:1\"\n\
+            [[orgs]]\nname = \"acme\"\nbackends = [\"hub\"]\n\
+            [[upstreams]]\nname = \"docker.io\"\naliases = [\"index.docker.io\"]\nbackends = [\"hub\"]\ndefault = true\n\
+            [[upstreams]]\nname = \"ghcr.io\"\nbackends = [\"hub\"]\n";
+        let settings = Settings::from_toml(text, []).expect("the fuzz configuration is valid");
+        crate::mirror::Upstreams::from_settings(&settings.upstreams)
+    });
+    let ns = crate::mirror::ns_param(query);
+    match upstreams.route(path, ns.as_deref(), |first| first == "acme") {
+        Err(e) => {
+            let ns = ns
+                .as_deref()
+                .unwrap_or_else(|| panic!("{path:?}: {e} without ns"));
+            assert!(upstreams.group(ns).is_none(), "{path:?} ns={ns:?}: {e}");
+            assert_eq!(e.code(), "NAME_UNKNOWN");
+            assert_eq!(actix_web::ResponseError::status_code(&e), 404);
+        }
+        Ok(routed) => match routed.group {
+            None => assert_eq!(routed.path, path),
+            Some(group) => {
+                assert!(
+                    routed.path.starts_with(&format!("/v2/{group}/")),
+                    "{path:?} -> {routed:?}"
+                );
+                if let Some(Ok(route)) = crate::route::parse(&routed.path) {
+                    if let Some(name) = route.name() {
+                        assert_eq!(name.org(), group, "{path:?} -> {routed:?}");
+                    }
+                }
+            }
+        },
     }
 }
 

@@ -426,8 +426,8 @@ fn log_request(
         path = req.path(),
         route,
         // The upstream group of mirror mode and what chose it (`-`: an org's request).
-        ns = group.unwrap_or("-"),
-        via,
+        ns = %group.unwrap_or("-"),
+        via = %via,
         status = response.status().as_u16(),
         backend,
         micros = started.elapsed().as_micros() as u64,

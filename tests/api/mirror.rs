@@ -19,21 +19,44 @@ use crate::registry::{Registry, Shape, TokenIssuer};
 
 const INDEX_TYPES: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
-/// Two upstream stand-ins: `hub` for docker.io (the default group, with Docker Hub's
-/// aliases) and `gh` for ghcr.io, and an org `acme` on a third registry.
-fn mirror_config(hub: &Registry, gh: &Registry, own: &Registry) -> Config {
-    Config::new()
-        .backend("hub", hub, "auto")
-        .backend("gh", gh, "proxy")
-        .backend("own", own, "direct")
-        .org("acme", &["own"], "30s", &[])
-        .upstream(
-            "docker.io",
-            &["index.docker.io", "registry-1.docker.io"],
-            &["hub"],
-            true,
-        )
-        .upstream("ghcr.io", &[], &["gh"], false)
+/// Stand-ins for two upstreams, `hub` for docker.io (the default group, with Docker Hub's
+/// aliases) and `gh` for ghcr.io (streamed through the gateway), and `own` for the org
+/// `acme`; and a work directory.
+struct StandIns {
+    hub: Registry,
+    gh: Registry,
+    own: Registry,
+    work: tempfile::TempDir,
+}
+
+impl StandIns {
+    fn start(hub: Registry) -> StandIns {
+        StandIns {
+            hub,
+            gh: Registry::start(Shape::Anonymous, None),
+            own: Registry::start(Shape::Anonymous, None),
+            work: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn config(&self) -> Config {
+        Config::new()
+            .backend("hub", &self.hub, "auto")
+            .backend("gh", &self.gh, "proxy")
+            .backend("own", &self.own, "direct")
+            .org("acme", &["own"], "30s", &[])
+            .upstream(
+                "docker.io",
+                &["index.docker.io", "registry-1.docker.io"],
+                &["hub"],
+                true,
+            )
+            .upstream("ghcr.io", &[], &["gh"], false)
+    }
+
+    fn dir(&self, name: &str) -> std::path::PathBuf {
+        self.work.path().join(name)
+    }
 }
 
 /// The request lines of a node's JSON log.
@@ -111,18 +134,16 @@ fn containerd_hosts(hosts: &Path, registry: &str, gateway_port: u16) {
 
 #[actix_web::test]
 async fn requests_choose_their_upstream_group() {
-    let hub = Registry::start(Shape::Anonymous, None);
-    let gh = Registry::start(Shape::Anonymous, None);
-    let own = Registry::start(Shape::Anonymous, None);
-    let work = tempfile::tempdir().unwrap();
+    let up = StandIns::start(Registry::start(Shape::Anonymous, None));
+    let (hub, gh, own) = (&up.hub, &up.gh, &up.own);
     // The same repository name in both upstreams, with different content.
-    let from_hub = images::multiarch(&work.path().join("hub"), "mirror-hub", "1.0", 2, 0);
-    let from_gh = images::multiarch(&work.path().join("gh"), "mirror-gh", "1.0", 2, 0);
-    let from_own = images::multiarch(&work.path().join("own"), "mirror-own", "1.0", 1, 0);
+    let from_hub = images::multiarch(&up.dir("hub"), "mirror-hub", "1.0", 2, 0);
+    let from_gh = images::multiarch(&up.dir("gh"), "mirror-gh", "1.0", 2, 0);
+    let from_own = images::multiarch(&up.dir("own"), "mirror-own", "1.0", 1, 0);
     hub.push(&from_hub, "library/alpine", "1.0");
     gh.push(&from_gh, "library/alpine", "1.0");
     own.push(&from_own, "acme/app", "1.0");
-    let app = spawn_app(&mirror_config(&hub, &gh, &own)).await;
+    let app = spawn_app(&up.config()).await;
     let accept = [("accept", INDEX_TYPES)];
     let manifest = |path: &'static str| {
         let app = &app;
@@ -295,7 +316,7 @@ async fn requests_choose_their_upstream_group() {
     assert_eq!(list["tags"], serde_json::json!(["1.0"]));
 
     // Metrics carry the group as the org.
-    let metrics_app = spawn_app(&mirror_config(&hub, &gh, &own).admin()).await;
+    let metrics_app = spawn_app(&up.config().admin()).await;
     metrics_app
         .get("/v2/library/alpine/manifests/1.0?ns=ghcr.io")
         .await;
@@ -306,20 +327,69 @@ async fn requests_choose_their_upstream_group() {
         &[("route", "manifest"), ("status", "200"), ("org", "ghcr.io")],
     );
     assert_eq!(count, Some(1.0), "{text}");
+
+    // A group's cached tag is purged by its routed name; the next request asks the
+    // backend again.
+    let tag_heads = || {
+        gh.requests_naming("/v2/library/alpine/manifests/1.0")
+            .iter()
+            .filter(|l| l.contains("\"HEAD "))
+            .count()
+    };
+    let before = tag_heads();
+    metrics_app
+        .get("/v2/ghcr.io/library/alpine/manifests/1.0")
+        .await;
+    assert_eq!(tag_heads(), before, "the tag was resolved already");
+    let purged = metrics_app
+        .admin(
+            awc::http::Method::POST,
+            "/admin/v1/purge",
+            Some(serde_json::json!({ "repository": "ghcr.io/library/alpine" })),
+        )
+        .await;
+    assert_eq!(
+        purged.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&purged.body)
+    );
+    let answer = metrics_app
+        .get("/v2/library/alpine/manifests/1.0?ns=ghcr.io")
+        .await;
+    assert_eq!(answer.status, 200);
+    wait_until(
+        "the purged tag to be resolved again",
+        Duration::from_secs(10),
+        || tag_heads() > before,
+    );
+
+    // An org cannot take a group's name through the admin API either.
+    let refused = metrics_app
+        .admin(
+            awc::http::Method::PUT,
+            "/admin/v1/orgs/docker.io",
+            Some(serde_json::json!({ "backends": ["own"] })),
+        )
+        .await;
+    assert_eq!(
+        refused.status,
+        409,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
 }
 
 #[actix_web::test]
 async fn containerd_pulls_docker_io_and_ghcr_io_through_its_mirror() {
-    let hub = Registry::start(Shape::Anonymous, None);
-    let gh = Registry::start(Shape::Anonymous, None);
-    let own = Registry::start(Shape::Anonymous, None);
-    let work = tempfile::tempdir().unwrap();
-    let from_hub = images::multiarch(&work.path().join("hub"), "ctr-hub", "1.0", 2, 1 << 20);
-    let from_gh = images::multiarch(&work.path().join("gh"), "ctr-gh", "1.0", 2, 1 << 20);
+    let up = StandIns::start(Registry::start(Shape::Anonymous, None));
+    let (hub, gh) = (&up.hub, &up.gh);
+    let from_hub = images::multiarch(&up.dir("hub"), "ctr-hub", "1.0", 2, 1 << 20);
+    let from_gh = images::multiarch(&up.dir("gh"), "ctr-gh", "1.0", 2, 1 << 20);
     hub.push(&from_hub, "library/mirrored", "1.0");
     gh.push(&from_gh, "owner/tool", "1.0");
-    let node = node(work.path(), mirror_config(&hub, &gh, &own)).await;
-    let hosts = work.path().join("hosts");
+    let node = node(up.work.path(), up.config()).await;
+    let hosts = up.dir("hosts");
     containerd_hosts(&hosts, "docker.io", node.port);
     containerd_hosts(&hosts, "ghcr.io", node.port);
 
@@ -352,15 +422,13 @@ async fn containerd_pulls_docker_io_and_ghcr_io_through_its_mirror() {
 
 #[actix_web::test]
 async fn podman_pulls_through_a_host_prefixed_mirror() {
-    let hub = Registry::start(Shape::Anonymous, None);
-    let gh = Registry::start(Shape::Anonymous, None);
-    let own = Registry::start(Shape::Anonymous, None);
-    let work = tempfile::tempdir().unwrap();
-    let from_hub = images::runnable(&work.path().join("hub"), "podman-hub", "1.0", 0);
-    let from_gh = images::runnable(&work.path().join("gh"), "podman-gh", "1.0", 0);
+    let up = StandIns::start(Registry::start(Shape::Anonymous, None));
+    let (hub, gh) = (&up.hub, &up.gh);
+    let from_hub = images::runnable(&up.dir("hub"), "podman-hub", "1.0", 0);
+    let from_gh = images::runnable(&up.dir("gh"), "podman-gh", "1.0", 0);
     hub.push(&from_hub, "library/mirrored", "1.0");
     gh.push(&from_gh, "owner/tool", "1.0");
-    let node = node(work.path(), mirror_config(&hub, &gh, &own)).await;
+    let node = node(up.work.path(), up.config()).await;
     let gateway = format!("127.0.0.1:{}", node.port);
     let closed = format!("127.0.0.1:{}", free_port());
     let podman = Podman::with_registries(&format!(
@@ -402,14 +470,12 @@ async fn podman_pulls_through_a_host_prefixed_mirror() {
 async fn dockerd_pulls_busybox_through_its_registry_mirror() {
     // The docker.io stand-in has Docker Hub's shape: token auth and blobs on a CDN.
     let issuer = TokenIssuer::start().await;
-    let hub = Registry::start(Shape::TokenWithCdn, Some(&issuer));
-    let gh = Registry::start(Shape::Anonymous, None);
-    let own = Registry::start(Shape::Anonymous, None);
-    let work = tempfile::tempdir().unwrap();
+    let up = StandIns::start(Registry::start(Shape::TokenWithCdn, Some(&issuer)));
+    let hub = &up.hub;
     let seed = format!("busybox-{}", std::process::id());
-    let busybox: Image = images::runnable(&work.path().join("busybox"), &seed, "latest", 0);
+    let busybox: Image = images::runnable(&up.dir("busybox"), &seed, "latest", 0);
     hub.push(&busybox, "library/busybox", "latest");
-    let node = node(work.path(), mirror_config(&hub, &gh, &own)).await;
+    let node = node(up.work.path(), up.config()).await;
     let docker = Dockerd::start_with(&[
         "--registry-mirror",
         &format!("http://127.0.0.1:{}", node.port),
