@@ -718,6 +718,21 @@ impl Settings {
     /// What is allowed but unwise: printed by `check-config` and logged at startup.
     pub fn warnings(&self) -> Vec<Problem> {
         let mut out = Vec::new();
+        // An org named `library` keeps Docker Hub's official images (`/v2/library/...`,
+        // what dockerd's registry-mirrors ask for) away from a docker.io default group.
+        let hub_default = self.upstreams.iter().any(|u| {
+            u.default && (u.name == "docker.io" || u.aliases.iter().any(|a| a == "docker.io"))
+        });
+        if let Some(i) = self.orgs.iter().position(|o| o.name == "library") {
+            if hub_default {
+                out.push(Problem {
+                    key: format!("orgs[{i}].name"),
+                    reason: "org 'library' serves library/* itself: docker pulls of official \
+                             images through registry-mirrors never reach the docker.io group"
+                        .into(),
+                });
+            }
+        }
         for (i, b) in self.backends.iter().enumerate() {
             let has_credentials = b.username.is_some() || b.token.is_some();
             if has_credentials && b.url.to_ascii_lowercase().starts_with("http://") {
@@ -1280,6 +1295,11 @@ mod tests {
         let settings = load_str(good, &[]).unwrap();
         assert_eq!(settings.upstreams[0].aliases.len(), 2);
         assert!(settings.upstreams[0].default);
+        assert!(settings.warnings().is_empty());
+        let shadowed = format!("{good}\n[[orgs]]\nname = \"library\"\nbackends = [\"hub\"]\n");
+        let warnings = load_str(&shadowed, &[]).unwrap().warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].key, "orgs[0].name");
     }
 
     #[test]

@@ -208,6 +208,15 @@ impl Containerd {
     /// included, from `HOSTS/<registry>/hosts.toml`), lookups outside loopback sent to a
     /// closed proxy port; returns what `pull` returns.
     pub fn pull_with_hosts(&self, reference: &str, hosts: &Path) -> Pulled {
+        self.pulled(self.pull_cmd_with_hosts(reference, hosts), reference)
+    }
+
+    /// The same pull, which may fail: what ctr printed and whether it succeeded.
+    pub fn try_pull_with_hosts(&self, reference: &str, hosts: &Path) -> Output {
+        run(self.pull_cmd_with_hosts(reference, hosts), PULL_LIMIT)
+    }
+
+    fn pull_cmd_with_hosts(&self, reference: &str, hosts: &Path) -> Command {
         let closed = format!("http://127.0.0.1:{}", crate::procs::free_port());
         let mut cmd = self.ctr();
         cmd.args(["images", "pull", "--all-platforms", "--hosts-dir"])
@@ -216,7 +225,7 @@ impl Containerd {
             .env("HTTPS_PROXY", &closed)
             .env("HTTP_PROXY", &closed)
             .env("NO_PROXY", "127.0.0.0/8,localhost");
-        self.pulled(cmd, reference)
+        cmd
     }
 
     fn pulled(&self, cmd: Command, reference: &str) -> Pulled {

@@ -418,6 +418,45 @@ async fn containerd_pulls_docker_io_and_ghcr_io_through_its_mirror() {
         hub.requests_naming("owner/tool").is_empty(),
         "the docker.io stand-in was asked for ghcr.io's image"
     );
+
+    // A registry the gateway does not mirror: a 404 at once, and containerd moves on to
+    // the registry's own address (a closed port here) and fails there.
+    containerd_hosts(&hosts, "quay.io", node.port);
+    let started = Instant::now();
+    let out = containerd.try_pull_with_hosts("quay.io/owner/other:1.0", &hosts);
+    assert!(
+        !out.status.success(),
+        "quay.io is not mirrored, yet the pull succeeded"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("connection refused"),
+        "containerd did not fall back: {stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let refused = logged(&node.log, "/v2/owner/other/");
+    assert!(
+        refused
+            .iter()
+            .all(|l| l["status"] == 404 && l["ns"] == "-" && l["via"] == "ns"),
+        "{refused:?}"
+    );
+    let slowest = refused
+        .iter()
+        .filter_map(|l| l["micros"].as_u64())
+        .max()
+        .unwrap();
+    assert!(slowest < 100_000, "an unknown ns took {slowest} µs");
+    assert!(
+        [hub, gh]
+            .iter()
+            .all(|r| r.requests_naming("owner/other").is_empty()),
+        "a backend was asked about quay.io's image"
+    );
 }
 
 #[actix_web::test]
