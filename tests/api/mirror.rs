@@ -143,7 +143,9 @@ async fn requests_choose_their_upstream_group() {
     hub.push(&from_hub, "library/alpine", "1.0");
     gh.push(&from_gh, "library/alpine", "1.0");
     own.push(&from_own, "acme/app", "1.0");
-    let app = spawn_app(&up.config()).await;
+    // Health probes only at start: a later probe that moved a latency bucket would make
+    // the warm-path counts below miss for a reason of its own.
+    let app = spawn_app(&up.config().admin().health("1h", 3)).await;
     let accept = [("accept", INDEX_TYPES)];
     let manifest = |path: &'static str| {
         let app = &app;
@@ -274,6 +276,12 @@ async fn requests_choose_their_upstream_group() {
     // other group's.
     let hub_layer = &from_hub.platform("amd64").layers[0].digest;
     let gh_layer = &from_gh.platform("amd64").layers[0].digest;
+    let warm_hits = || async {
+        let text = app.metrics().await;
+        let hits = [("cache", "redirect"), ("result", "hit")];
+        crate::helpers::metric(&text, "regatta_cache_lookups_total", &hits).unwrap_or(0.0)
+    };
+    let hits_before = warm_hits().await;
     for _ in 0..2 {
         let answer = app
             .get(&format!(
@@ -307,6 +315,32 @@ async fn requests_choose_their_upstream_group() {
             answer.status, 404,
             "docker.io (the default) does not have ghcr.io's layer"
         );
+    }
+    // Once docker.io's redirect is warm, every way of naming docker.io's repository finds
+    // it (one routed path), and ns=ghcr.io on the same path still does not.
+    let hub_blob = format!("/v2/library/alpine/blobs/{hub_layer}");
+    let last = std::cell::Cell::new(hits_before);
+    crate::helpers::eventually("a warm redirect", Duration::from_secs(10), || async {
+        let answer = app.get(&format!("{hub_blob}?ns=docker.io")).await;
+        assert_eq!(answer.status, 307);
+        let now = warm_hits().await;
+        now > last.replace(now)
+    })
+    .await;
+    let mut hits = last.get();
+    for path in [
+        hub_blob.clone(),
+        format!("{hub_blob}?ns=index.docker.io"),
+        format!("/v2/index.docker.io/library/alpine/blobs/{hub_layer}"),
+        format!("/v2/docker.io/library/alpine/blobs/{hub_layer}"),
+    ] {
+        let answer = app.get(&path).await;
+        assert_eq!((answer.status, answer.backend()), (307, "hub"), "{path}");
+        let now = warm_hits().await;
+        assert_eq!(now, hits + 1.0, "{path} was not answered warm");
+        hits = now;
+        let other = app.get(&format!("{hub_blob}?ns=ghcr.io")).await;
+        assert_eq!(other.status, 404, "ns=ghcr.io after {path}");
     }
 
     // Tag lists name the repository as the client does.
