@@ -89,3 +89,32 @@ fn check_config_refuses_credentials_in_urls_and_warns_about_plain_http() {
     );
     assert!(!out.contains("file-s3cret"), "{out}");
 }
+
+#[test]
+fn check_config_names_upstream_group_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("mirror.toml");
+    std::fs::write(
+        &bad,
+        "[server]\nlisten = \"127.0.0.1:0\"\n[[backends]]\nid = \"hub\"\nurl = \"http://127.0.0.1:1\"\n\
+         [[orgs]]\nname = \"acme\"\nbackends = [\"hub\"]\n\
+         [[upstreams]]\nname = \"docker.io\"\naliases = [\"acme\"]\nbackends = [\"ghost\"]\ndefault = true\n\
+         [[upstreams]]\nname = \"ghcr.io\"\nbackends = [\"hub\"]\ndefault = true\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_regatta"));
+    cmd.arg("check-config").arg(&bad);
+    let out = run(cmd, Duration::from_secs(30));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for (key, words) in [
+        ("upstreams[0].backends[0]", "no backend has id 'ghost'"),
+        ("upstreams[0].aliases[0]", "orgs[0]"),
+        ("upstreams[1].default", "upstreams[0] is the default"),
+    ] {
+        assert!(
+            err.lines().any(|l| l.contains(key) && l.contains(words)),
+            "{key} ({words}) missing from:\n{err}"
+        );
+    }
+}
