@@ -73,8 +73,8 @@ pub fn route(data: &[u8]) {
 }
 
 /// Mirror mode's routing with two groups (docker.io the default, ghcr.io) and an org
-/// `acme`: an error only for an `ns` naming no group (a 404), a group's path is under
-/// `/v2/<group>/` and parses (when it does) to a name in that group; otherwise the path is
+/// `acme`: an error only for an `ns` naming no group (a 404), a group's path is `/v2/<group>`
+/// or under it and parses (when it does) to a name in that group; otherwise the path is
 /// left as sent.
 fn mirror_route(path: &str, query: &str) {
     static UPSTREAMS: std::sync::OnceLock<crate::mirror::Upstreams> = std::sync::OnceLock::new();
@@ -100,8 +100,9 @@ fn mirror_route(path: &str, query: &str) {
         Ok(routed) => match routed.group {
             None => assert_eq!(routed.path, path),
             Some(group) => {
+                let under = format!("/v2/{group}");
                 assert!(
-                    routed.path.starts_with(&format!("/v2/{group}/")),
+                    routed.path == under || routed.path.starts_with(&format!("{under}/")),
                     "{path:?} -> {routed:?}"
                 );
                 if let Some(Ok(route)) = crate::route::parse(&routed.path) {
