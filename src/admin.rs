@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::gateway::Gateway;
-use crate::model::{Health, OrgPolicy};
+use crate::model::{Health, OrgPolicy, RobotRecord};
 use crate::oci::{Digest, RepoName};
 use crate::store::{AdminChange, EVENT_RESYNC};
 use crate::topology::Org;
@@ -44,6 +44,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/orgs/{name}", web::get().to(get_org))
             .route("/orgs/{name}", web::put().to(put_org))
             .route("/orgs/{name}", web::delete().to(delete_org))
+            .route("/robots", web::get().to(list_robots))
+            .route("/robots", web::post().to(create_robot))
+            .route("/robots/{name}", web::delete().to(revoke_robot))
             .route("/purge", web::post().to(purge))
             .route("/node", web::get().to(node))
             .route("/node/drain", web::post().to(node_drain))
@@ -51,14 +54,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     );
 }
 
-/// Constant-time comparison: the time taken does not depend on where the tokens differ.
-fn same_token(given: &[u8], expected: &[u8]) -> bool {
-    let mut diff = given.len() ^ expected.len();
-    for (i, e) in expected.iter().enumerate() {
-        diff |= (given.get(i).copied().unwrap_or(0) ^ e) as usize;
-    }
-    diff == 0
-}
+use crate::secret::same_bytes as same_token;
 
 async fn require_token(
     req: ServiceRequest,
@@ -381,12 +377,141 @@ async fn put_org(
             format!("invalid org policy: {reason}"),
         );
     }
+    if let Some(reason) = private_org_problem(&gw, &policy) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("invalid org policy: {reason}"),
+        );
+    }
     if let Err(e) = gw.store.put_policy(&name, &policy).await {
         return unavailable(e);
     }
     announce_and_reload(&gw).await;
     audit(&req, "put-org", &name, &format!("{policy:?}"));
     HttpResponse::Ok().json(org_json(&name, &policy))
+}
+
+/// Why this node cannot serve `policy` as a private org, if it cannot (the same rules as
+/// the configuration check).
+fn private_org_problem(gw: &Gateway, policy: &OrgPolicy) -> Option<String> {
+    if policy.access.is_public() {
+        return None;
+    }
+    if !gw.tokens.issues_tokens() {
+        return Some("access: a private org needs auth.signing_key on every node".into());
+    }
+    policy.backends.iter().find_map(|id| {
+        let b = gw.topology.index_of(id).map(|i| gw.topology.backend(i))?;
+        (b.delivery == crate::model::Delivery::Direct).then(|| {
+            format!(
+                "access: backend '{id}' delivers blobs direct, to a URL anyone can fetch \
+                 without the gateway; a private org's backends need resolve, proxy or auto"
+            )
+        })
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewRobot {
+    name: String,
+    /// Globs over whole repository names (`acme/*`).
+    repositories: Vec<String>,
+    /// How long the robot works (`90d`); forever when absent.
+    #[serde(default, with = "humantime_serde")]
+    expires_in: Option<std::time::Duration>,
+    #[serde(default)]
+    description: String,
+}
+
+fn robot_json(r: &RobotRecord) -> serde_json::Value {
+    let now = crate::model::unix_ms(std::time::SystemTime::now());
+    json!({
+        "name": r.name,
+        "username": format!("{}{}", crate::auth::ROBOT_LOGIN_PREFIX, r.name),
+        "repositories": r.repositories,
+        "description": r.description,
+        "created_at_ms": r.created_at_ms,
+        "expires_at_ms": r.expires_at_ms,
+        "expired": r.expired(now),
+    })
+}
+
+async fn list_robots(gw: web::Data<Gateway>) -> HttpResponse {
+    match gw.store.robots().await {
+        Ok(all) => {
+            let mut robots: Vec<&RobotRecord> = all.values().collect();
+            robots.sort_by(|a, b| a.name.cmp(&b.name));
+            let robots: Vec<_> = robots.into_iter().map(robot_json).collect();
+            HttpResponse::Ok().json(json!({ "robots": robots }))
+        }
+        Err(e) => unavailable(e),
+    }
+}
+
+/// Creates a robot and answers its secret, the only time it is shown.
+async fn create_robot(req: HttpRequest, gw: web::Data<Gateway>, body: web::Bytes) -> HttpResponse {
+    let new: NewRobot = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid robot: {e}")),
+    };
+    let expires_at_ms = match new.expires_in {
+        None => None,
+        Some(d) if d.is_zero() => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid robot: expires_in must be longer than 0s",
+            )
+        }
+        Some(d) => Some(
+            crate::model::unix_ms(std::time::SystemTime::now())
+                .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        ),
+    };
+    let (record, secret) =
+        crate::auth::new_robot(&new.name, new.repositories, expires_at_ms, new.description);
+    if let Some((field, why)) = record.problems().first() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("invalid robot: {field}: {why}"),
+        );
+    }
+    match gw.store.create_robot(&record).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return error(
+                StatusCode::CONFLICT,
+                format!("robot '{}' exists; revoke it first", record.name),
+            )
+        }
+        Err(e) => return unavailable(e),
+    }
+    announce_and_reload(&gw).await;
+    audit(
+        &req,
+        "create-robot",
+        &record.name,
+        &record.repositories.join(","),
+    );
+    let mut out = robot_json(&record);
+    out["secret"] = json!(secret);
+    HttpResponse::Created().json(out)
+}
+
+async fn revoke_robot(
+    req: HttpRequest,
+    gw: web::Data<Gateway>,
+    name: web::Path<String>,
+) -> HttpResponse {
+    match gw.store.delete_robot(&name).await {
+        Ok(true) => {
+            announce_and_reload(&gw).await;
+            audit(&req, "revoke-robot", &name, "");
+            HttpResponse::NoContent().finish()
+        }
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("no robot '{name}'")),
+        Err(e) => unavailable(e),
+    }
 }
 
 async fn delete_org(

@@ -33,6 +33,11 @@ pub enum AdminCommand {
         #[arg(value_enum)]
         action: Option<NodeAction>,
     },
+    /// Robot accounts (CI pull credentials): create, list, revoke.
+    Robot {
+        #[command(subcommand)]
+        action: RobotAction,
+    },
     /// Forget holders of a digest and/or a repository's tag resolutions, on every node.
     Purge {
         #[arg(long)]
@@ -40,6 +45,26 @@ pub enum AdminCommand {
         #[arg(long)]
         repository: Option<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RobotAction {
+    /// Creates a robot and prints its secret (shown this once).
+    Create {
+        name: String,
+        /// A repository glob it may pull (`acme/*`); repeat for more.
+        #[arg(long = "repository", required = true)]
+        repositories: Vec<String>,
+        /// How long it works (`90d`); forever when absent.
+        #[arg(long)]
+        expires_in: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Every robot (never their secrets).
+    List,
+    /// Revokes a robot: its secret and tokens stop working on every node.
+    Revoke { name: String },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -93,6 +118,30 @@ async fn call(url: &str, token: &str, command: AdminCommand) -> Result<String, S
         AdminCommand::Node {
             action: Some(NodeAction::Undrain),
         } => (Method::POST, "/node/undrain".into(), None),
+        AdminCommand::Robot {
+            action:
+                RobotAction::Create {
+                    name,
+                    repositories,
+                    expires_in,
+                    description,
+                },
+        } => (
+            Method::POST,
+            "/robots".into(),
+            Some(serde_json::json!({
+                "name": name,
+                "repositories": repositories,
+                "expires_in": expires_in,
+                "description": description,
+            })),
+        ),
+        AdminCommand::Robot {
+            action: RobotAction::List,
+        } => (Method::GET, "/robots".into(), None),
+        AdminCommand::Robot {
+            action: RobotAction::Revoke { name },
+        } => (Method::DELETE, format!("/robots/{name}"), None),
         AdminCommand::Purge { digest, repository } => (
             Method::POST,
             "/purge".into(),
@@ -127,8 +176,52 @@ async fn call(url: &str, token: &str, command: AdminCommand) -> Result<String, S
     Ok(match command {
         AdminCommand::Backends => backends_table(&value),
         AdminCommand::DeleteOrg { name } => format!("org {name} deleted"),
+        AdminCommand::Robot {
+            action: RobotAction::Revoke { name },
+        } => format!("robot {name} revoked"),
+        AdminCommand::Robot {
+            action: RobotAction::List,
+        } => robots_table(&value),
+        AdminCommand::Robot {
+            action: RobotAction::Create { .. },
+        } => format!(
+            "robot {} created\nusername: {}\nsecret:   {}\n(the secret is shown only now)",
+            value["name"].as_str().unwrap_or(""),
+            value["username"].as_str().unwrap_or(""),
+            value["secret"].as_str().unwrap_or(""),
+        ),
         _ => serde_json::to_string_pretty(&value).unwrap_or_default(),
     })
+}
+
+fn robots_table(value: &Value) -> String {
+    let mut out = format!(
+        "{:<24} {:<8} {:<24} {}\n",
+        "USERNAME", "EXPIRED", "EXPIRES", "REPOSITORIES"
+    );
+    for r in value["robots"].as_array().into_iter().flatten() {
+        let expires = r["expires_at_ms"]
+            .as_u64()
+            .map(|ms| {
+                humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+                    .to_string()
+            })
+            .unwrap_or_else(|| "never".into());
+        let repos: Vec<&str> = r["repositories"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        out.push_str(&format!(
+            "{:<24} {:<8} {:<24} {}\n",
+            r["username"].as_str().unwrap_or(""),
+            r["expired"].as_bool().unwrap_or(false),
+            expires,
+            repos.join(","),
+        ));
+    }
+    out
 }
 
 fn backends_table(value: &Value) -> String {

@@ -35,6 +35,14 @@ pub enum ApiError {
     Unavailable(String),
     #[error("too many requests that need the backends from this client; retry in {}s", retry_secs(.0))]
     TooManyRequests(std::time::Duration),
+    /// No token, or one that does not grant what the request needs: 401 with the
+    /// `WWW-Authenticate` challenge that tells the client where to get one.
+    #[error("authentication required: {message}")]
+    Unauthorized { message: String, challenge: String },
+    /// A token request the token service cannot take (malformed credentials or scope,
+    /// another service, an unsupported grant).
+    #[error("invalid token request: {0}")]
+    InvalidRequest(String),
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -62,6 +70,8 @@ impl ApiError {
             ApiError::Unsupported(_) => "UNSUPPORTED",
             ApiError::Unavailable(_) => "UNAVAILABLE",
             ApiError::TooManyRequests(_) => "TOOMANYREQUESTS",
+            ApiError::Unauthorized { .. } => "UNAUTHORIZED",
+            ApiError::InvalidRequest(_) => "INVALID_REQUEST",
             ApiError::Internal(_) => "UNKNOWN",
         }
     }
@@ -91,7 +101,9 @@ impl ResponseError for ApiError {
             ApiError::NameInvalid(_)
             | ApiError::TagInvalid(_)
             | ApiError::DigestInvalid(_)
-            | ApiError::PaginationInvalid(_) => StatusCode::BAD_REQUEST,
+            | ApiError::PaginationInvalid(_)
+            | ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             ApiError::Denied(_) => StatusCode::FORBIDDEN,
             ApiError::NameUnknown(_) | ApiError::ManifestUnknown(_) | ApiError::BlobUnknown(_) => {
                 StatusCode::NOT_FOUND
@@ -122,6 +134,11 @@ impl ResponseError for ApiError {
             }
             ApiError::TooManyRequests(wait) => {
                 response.insert_header((header::RETRY_AFTER, retry_secs(wait).to_string()));
+            }
+            ApiError::Unauthorized { challenge, .. } => {
+                if let Ok(value) = HeaderValue::from_str(challenge) {
+                    response.insert_header((header::WWW_AUTHENTICATE, value));
+                }
             }
             _ => {}
         }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use arc_swap::ArcSwap;
 
 use crate::config::Settings;
-use crate::model::{AdminState, Health, HealthRecord, OrgPolicy, RegionalHealth};
+use crate::model::{AdminState, Health, HealthRecord, OrgPolicy, RegionalHealth, RobotRecord};
 use crate::store::{Store, StoreError};
 use crate::topology::{Org, Topology};
 
@@ -65,6 +65,10 @@ pub struct Snapshot {
     /// By backend index.
     pub backends: Vec<BackendLive>,
     pub orgs: HashMap<String, Arc<Org>>,
+    /// Whether any org is private (then `/v2/` asks for a token).
+    pub any_private: bool,
+    /// Robot accounts by name.
+    pub robots: Arc<HashMap<String, RobotRecord>>,
     pub loaded_at: Instant,
 }
 
@@ -78,6 +82,7 @@ impl Snapshot {
             &HashMap::new(),
             &RegionalHealth::new(),
             &policies.into_iter().collect(),
+            HashMap::new(),
         )
     }
 
@@ -86,6 +91,7 @@ impl Snapshot {
         admin: &HashMap<String, AdminState>,
         health: &RegionalHealth,
         policies: &HashMap<String, OrgPolicy>,
+        robots: HashMap<String, RobotRecord>,
     ) -> Snapshot {
         let mut backends: Vec<BackendLive> = topology
             .backends
@@ -136,7 +142,9 @@ impl Snapshot {
         }
         Snapshot {
             backends,
+            any_private: orgs.values().any(|o| !o.policy.access.is_public()),
             orgs,
+            robots: Arc::new(robots),
             loaded_at: Instant::now(),
         }
     }
@@ -228,6 +236,8 @@ impl ClusterState {
             Arc::new(Snapshot {
                 backends,
                 orgs: current.orgs.clone(),
+                any_private: current.any_private,
+                robots: current.robots.clone(),
                 loaded_at: current.loaded_at,
             })
         });
@@ -246,6 +256,8 @@ impl ClusterState {
             Arc::new(Snapshot {
                 backends,
                 orgs: current.orgs.clone(),
+                any_private: current.any_private,
+                robots: current.robots.clone(),
                 loaded_at: current.loaded_at,
             })
         });
@@ -264,7 +276,10 @@ impl ClusterState {
             let admin = store.admin_states().await?;
             let health = store.health().await?;
             let policies = store.policies().await?;
-            let next = Arc::new(Snapshot::build(topology, &admin, &health, &policies));
+            let robots = store.robots().await?;
+            let next = Arc::new(Snapshot::build(
+                topology, &admin, &health, &policies, robots,
+            ));
             let orgs = next.orgs.len();
             let changed = !next.decides_like(&base);
             let previous = self.snapshot.compare_and_swap(&base, next);

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::model::{Delivery, OrgPolicy};
+use crate::model::{Access, Delivery, Grant, OrgPolicy};
 use crate::secret::{redact_url, Secret};
 
 /// Where the default configuration lives when no file is named.
@@ -38,6 +38,8 @@ pub struct Settings {
     pub limits: LimitSettings,
     #[serde(default)]
     pub cluster: ClusterSettings,
+    #[serde(default)]
+    pub auth: AuthSettings,
     #[serde(default)]
     pub backends: Vec<BackendSettings>,
     #[serde(default)]
@@ -77,6 +79,44 @@ pub struct ServerSettings {
 
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(10)
+}
+
+/// The gateway's own token service, for private orgs: users, signing keys, token lifetime.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// The token endpoint clients are sent to: this gateway's external URL plus `/token`
+    /// (`https://cr.example.org/token`). Unset: built from each request's scheme and Host.
+    pub realm: Option<String>,
+    /// The service name in challenges and tokens; every node and region uses the same.
+    pub service: String,
+    /// PEM private key (PKCS#8 EC P-256 or Ed25519, or RSA) that signs tokens: the same
+    /// file on every node and region, so any node accepts any node's tokens.
+    pub signing_key: Option<String>,
+    /// PEM keys whose tokens are still accepted (a rotation: the old key goes here).
+    pub previous_keys: Vec<String>,
+    /// An htpasswd file of bcrypt entries (`htpasswd -B`): the users.
+    pub users_file: Option<String>,
+    /// How long a token is good for.
+    #[serde(with = "humantime_serde")]
+    pub token_ttl: Duration,
+    /// The files above as read at load time.
+    #[serde(skip)]
+    pub loaded: Option<std::sync::Arc<crate::auth::Loaded>>,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            realm: None,
+            service: "regatta".into(),
+            signing_key: None,
+            previous_keys: Vec::new(),
+            users_file: None,
+            token_ttl: Duration::from_secs(300),
+            loaded: None,
+        }
+    }
 }
 
 /// Which store holds shared state (tag cache, digest holders, detected delivery modes).
@@ -500,6 +540,14 @@ pub struct OrgSettings {
     /// `acme/app` into `acme-images/app` on backend `mirror`.
     #[serde(default)]
     pub prefixes: BTreeMap<String, String>,
+    /// `public` (anyone may pull; the default) or `private` (only the principals in
+    /// `grants`, with tokens from this gateway's `/token`).
+    #[serde(default)]
+    pub access: Access,
+    /// `[[orgs.grants]]`: `principal` (a user of `auth.users_file`, or `robot:<name>`) may
+    /// pull the org's repositories matching `repositories` (globs, default `["*"]`).
+    #[serde(default)]
+    pub grants: Vec<Grant>,
 }
 
 impl OrgSettings {
@@ -510,6 +558,8 @@ impl OrgSettings {
             tag_authorities: self.tag_authorities.clone(),
             tag_ttl: self.tag_ttl,
             prefixes: self.prefixes.clone(),
+            access: self.access,
+            grants: self.grants.clone(),
         }
     }
 }
@@ -552,6 +602,9 @@ impl UpstreamGroupSettings {
             tag_authorities: self.tag_authorities.clone(),
             tag_ttl: self.tag_ttl,
             prefixes: self.prefixes.clone(),
+            // Mirror groups are public.
+            access: crate::model::Access::Public,
+            grants: Vec::new(),
         }
     }
 }
@@ -641,6 +694,7 @@ impl Settings {
             .try_deserialize()
             .map_err(|e| ConfigError::Invalid(vec![problem_from_serde(&e)]))?;
         let mut problems = settings.read_backend_files(&env);
+        problems.extend(settings.read_auth_files());
         problems.extend(settings.problems());
         if problems.is_empty() {
             Ok(settings)
@@ -716,6 +770,54 @@ impl Settings {
     }
 
     /// What is allowed but unwise: printed by `check-config` and logged at startup.
+    /// Reads and parses the signing keys and the users file into `auth.loaded`.
+    fn read_auth_files(&mut self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let a = &self.auth;
+        let mut read = |key: String, path: &str, limit: u64| -> Option<Vec<u8>> {
+            match read_small_file(path, limit) {
+                Ok(bytes) => Some(bytes),
+                Err(e) => {
+                    out.push(Problem {
+                        key,
+                        reason: format!("'{path}': {e}"),
+                    });
+                    None
+                }
+            }
+        };
+        let signing = a.signing_key.as_ref().and_then(|p| {
+            Some((
+                p.clone(),
+                read("auth.signing_key".into(), p, MAX_SECRET_FILE_BYTES)?,
+            ))
+        });
+        let previous: Vec<(String, String, Vec<u8>)> = a
+            .previous_keys
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let key = format!("auth.previous_keys[{i}]");
+                Some((key.clone(), p.clone(), read(key, p, MAX_SECRET_FILE_BYTES)?))
+            })
+            .collect();
+        let users = a.users_file.as_ref().and_then(|p| {
+            Some((
+                p.clone(),
+                read("auth.users_file".into(), p, 16 * 1024 * 1024)?,
+            ))
+        });
+        match crate::auth::Loaded::parse(signing, previous, users) {
+            Ok(loaded) => self.auth.loaded = Some(std::sync::Arc::new(loaded)),
+            Err(problems) => out.extend(
+                problems
+                    .into_iter()
+                    .map(|(key, reason)| Problem { key, reason }),
+            ),
+        }
+        out
+    }
+
     pub fn warnings(&self) -> Vec<Problem> {
         let mut out = Vec::new();
         // An org named `library` keeps Docker Hub's official images (`/v2/library/...`,
@@ -731,6 +833,23 @@ impl Settings {
                              images through registry-mirrors never reach the docker.io group"
                         .into(),
                 });
+            }
+        }
+        let users = self.auth.loaded.as_ref().map(|l| &l.users);
+        for (i, org) in self.orgs.iter().enumerate() {
+            for (j, grant) in org.grants.iter().enumerate() {
+                let robot = grant
+                    .principal
+                    .starts_with(crate::model::ROBOT_PRINCIPAL_PREFIX);
+                if !robot && !users.is_some_and(|u| u.contains(&grant.principal)) {
+                    out.push(Problem {
+                        key: format!("orgs[{i}].grants[{j}].principal"),
+                        reason: format!(
+                            "'{}' is not a user of auth.users_file: the grant has no effect",
+                            grant.principal
+                        ),
+                    });
+                }
             }
         }
         for (i, b) in self.backends.iter().enumerate() {
@@ -936,11 +1055,68 @@ impl Settings {
             }
         }
 
+        if let Some(realm) = &self.auth.realm {
+            if url::Url::parse(realm).map_or(true, |u| !matches!(u.scheme(), "http" | "https")) {
+                problem(
+                    "auth.realm".into(),
+                    format!("'{realm}' is not an http(s) URL"),
+                );
+            } else if realm.contains('"') {
+                problem("auth.realm".into(), "must not contain '\"'".into());
+            }
+        }
+        if self.auth.service.is_empty()
+            || self.auth.service.len() > 255
+            || !self
+                .auth
+                .service
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        {
+            problem(
+                "auth.service".into(),
+                "must be 1 to 255 printable characters without quotes".into(),
+            );
+        }
+        if !(Duration::from_secs(10)..=Duration::from_secs(24 * 3600))
+            .contains(&self.auth.token_ttl)
+        {
+            problem(
+                "auth.token_ttl".into(),
+                "must be between 10s and 24h".into(),
+            );
+        }
         let backend_ids: Vec<&str> = self.backends.iter().map(|b| b.id.as_str()).collect();
         let mut names = std::collections::HashSet::new();
         for (i, org) in self.orgs.iter().enumerate() {
             for (key, reason) in org.policy().problems(&org.name, &backend_ids) {
                 problem(format!("orgs[{i}].{key}"), reason);
+            }
+            if org.access == Access::Private {
+                if self.auth.signing_key.is_none() {
+                    problem(
+                        format!("orgs[{i}].access"),
+                        "a private org needs auth.signing_key: its users pull with tokens \
+                         this gateway signs"
+                            .into(),
+                    );
+                }
+                for id in &org.backends {
+                    let direct = self
+                        .backends
+                        .iter()
+                        .any(|b| &b.id == id && b.delivery == Delivery::Direct);
+                    if direct {
+                        problem(
+                            format!("orgs[{i}].access"),
+                            format!(
+                                "backend '{id}' delivers blobs direct: clients would be sent to \
+                                 a URL anyone can fetch without the gateway; a private org's \
+                                 backends need resolve, proxy or auto"
+                            ),
+                        );
+                    }
+                }
             }
             if !names.insert(org.name.as_str()) {
                 problem(

@@ -24,7 +24,45 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("backend_numbers", backend_numbers),
     ("manifest", manifest),
     ("config", config),
+    ("token_request", token_request),
 ];
+
+/// The token endpoint's inputs: the bytes as a `scope` list (parsed, or refused with a
+/// reason; never more than `MAX_SCOPES`; every repository name valid) and as a bearer
+/// token (verified or refused, never accepted: the key that would sign it is random).
+pub fn token_request(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match crate::auth::parse_scopes([text]) {
+        Ok(scopes) => {
+            assert!(scopes.len() <= crate::auth::MAX_SCOPES);
+            for s in scopes {
+                if let crate::auth::Requested::Repository { name, actions } = s {
+                    assert!(RepoName::parse(name.as_str()).is_ok());
+                    assert!(!actions.is_empty());
+                }
+            }
+        }
+        Err(reason) => assert!(!reason.is_empty()),
+    }
+    static KEYS: std::sync::OnceLock<crate::auth::KeySet> = std::sync::OnceLock::new();
+    let keys = KEYS.get_or_init(|| {
+        let rng = ring::rand::SystemRandom::new();
+        let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).expect("a key");
+        use base64::Engine as _;
+        let pem = format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            base64::engine::general_purpose::STANDARD.encode(doc.as_ref())
+        );
+        let key = crate::auth::SigningKey::from_pem(pem.as_bytes()).expect("an Ed25519 key");
+        crate::auth::KeySet::new(key, Vec::new())
+    });
+    assert!(
+        keys.verify::<serde_json::Value>(text, "fuzz").is_err(),
+        "a token nobody signed was accepted: {text:?}"
+    );
+}
 
 /// `route::parse` on a request path: `None` exactly for paths outside `/v2`, a route that
 /// renders back to a path parsing to the same route, or a 4xx OCI error. With a query

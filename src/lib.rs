@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod admin_cli;
 pub mod api_error;
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod flights;

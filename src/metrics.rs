@@ -59,6 +59,7 @@ pub fn method_label(method: &actix_web::http::Method) -> &'static str {
     match *method {
         actix_web::http::Method::GET => "GET",
         actix_web::http::Method::HEAD => "HEAD",
+        actix_web::http::Method::POST => "POST",
         _ => "other",
     }
 }

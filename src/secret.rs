@@ -27,6 +27,15 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Constant-time comparison: the time taken does not depend on where the values differ.
+pub fn same_bytes(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = given.len() ^ expected.len();
+    for (i, e) in expected.iter().enumerate() {
+        diff |= (given.get(i).copied().unwrap_or(0) ^ e) as usize;
+    }
+    diff == 0
+}
+
 /// `url` with its user information replaced by `***` (`http://***@host/`: a user name
 /// can be a token too); text that does not parse as a URL loses whatever stands between
 /// `://` and an `@` in its authority.

@@ -238,6 +238,8 @@ pub fn registry_app(
             web::get().to(|| async { HttpResponse::Ok().body("ok") }),
         )
         .route("/readyz", web::get().to(readyz))
+        .route("/token", web::get().to(crate::auth::token_get))
+        .route("/token", web::post().to(crate::auth::token_post))
         .default_service(web::to(dispatch))
 }
 

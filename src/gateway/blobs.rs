@@ -63,7 +63,11 @@ pub(super) async fn serve(
             match outcome {
                 Ok(response) => {
                     if !head {
-                        if response.status() == StatusCode::TEMPORARY_REDIRECT {
+                        // A private org's redirects are not kept for the warm path, which
+                        // answers before any access check.
+                        if response.status() == StatusCode::TEMPORARY_REDIRECT
+                            && org.policy.access.is_public()
+                        {
                             remember_redirect(gw, req, name, b, digest, &response, epoch);
                         }
                         let reason = match (tried.is_empty(), plan.region_chose) {
@@ -320,6 +324,13 @@ async fn deliver(
             _ => Delivery::Auto,
         },
     };
+    // A private org's blob never goes to a URL anyone could fetch without the gateway:
+    // it is streamed instead (and what that shows is not learnt as the backend's mode).
+    let learn = backend.delivery == Delivery::Auto;
+    let (delivery, learn) = match delivery {
+        Delivery::Direct if !org.policy.access.is_public() => (Delivery::Proxy, false),
+        d => (d, learn),
+    };
     match delivery {
         Delivery::Direct => Ok(redirect(
             &crate::upstream::blob_url(&backend.base, &repo, digest),
@@ -329,9 +340,11 @@ async fn deliver(
             if let Some(url) = gw.knowledge.resolved(b, digest) {
                 return Ok(redirect(&url, backend));
             }
-            fetch_blob(gw, up, req, backend, &repo, digest).await
+            fetch_blob(gw, up, req, backend, &repo, digest, learn).await
         }
-        Delivery::Proxy | Delivery::Auto => fetch_blob(gw, up, req, backend, &repo, digest).await,
+        Delivery::Proxy | Delivery::Auto => {
+            fetch_blob(gw, up, req, backend, &repo, digest, learn).await
+        }
     }
 }
 
@@ -366,6 +379,7 @@ async fn fetch_blob(
     backend: &Backend,
     repo: &str,
     digest: &Digest,
+    auto: bool,
 ) -> Result<HttpResponse, Failure> {
     let mut call = Call::new(
         Method::GET,
@@ -381,7 +395,6 @@ async fn fetch_blob(
         .await
         .map_err(|e| Failure::Broken(e.to_string()))?;
     let status = response.status();
-    let auto = backend.delivery == Delivery::Auto;
     if status.is_redirection() {
         let url: Arc<str> = location(backend, &response)?.into();
         if let Some(good_for) = presigned_lifetime(&url, gw.cache.resolve_ttl, SystemTime::now()) {

@@ -42,6 +42,8 @@ pub struct Gateway {
     pub request_deadline: std::time::Duration,
     pub knowledge: Knowledge,
     pub auth: Arc<AuthCache>,
+    /// This gateway's own token service and access checks (private orgs).
+    pub tokens: crate::auth::TokenService,
     pub state: Arc<ClusterState>,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
@@ -89,6 +91,7 @@ impl Gateway {
             cache: settings.cache.clone(),
             request_deadline: settings.upstream.request_deadline,
             auth: Arc::new(AuthCache::new()),
+            tokens: crate::auth::TokenService::new(&settings.auth),
             store,
             metrics,
             flights: crate::flights::Flights::default(),
@@ -112,7 +115,9 @@ pub(crate) struct Scope<'g> {
 }
 
 impl<'g> Scope<'g> {
-    /// The scope of a request for `name`, or 403 for a name outside every org.
+    /// The scope of a request for `name`, or 403 for a name outside every org, or 401 for
+    /// a private org's name without a token that grants pulling it. The access check comes
+    /// first: nothing cached for a private org is read before it.
     fn new(gw: &'g Gateway, name: &RepoName, req: &HttpRequest) -> Result<Scope<'g>, ApiError> {
         let snapshot = gw.state.load_full();
         let org = snapshot
@@ -120,6 +125,7 @@ impl<'g> Scope<'g> {
             .get(name.org())
             .cloned()
             .ok_or_else(|| ApiError::Denied(name.org().to_owned()))?;
+        gw.tokens.check_pull(&snapshot, &org, name, req)?;
         Ok(Scope {
             gw,
             snapshot,
@@ -280,9 +286,12 @@ pub async fn handle(
         }
     };
     match route {
-        Route::Base => Ok(actix_web::HttpResponse::Ok()
-            .content_type("application/json")
-            .body("{}")),
+        Route::Base => {
+            gw.tokens.check_base(&gw.state.load(), req)?;
+            Ok(actix_web::HttpResponse::Ok()
+                .content_type("application/json")
+                .body("{}"))
+        }
         Route::Manifest { name, reference } => {
             let scope = Scope::new(gw, &name, req)?;
             manifests::serve(&scope, up, req, &name, reference, head).await

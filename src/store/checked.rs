@@ -15,7 +15,7 @@ use std::time::Duration;
 use prometheus::{IntCounter, IntCounterVec};
 use serde::de::DeserializeOwned;
 
-use crate::model::{AdminState, HealthKey, HealthRecord, OrgPolicy, TagRecord};
+use crate::model::{AdminState, HealthKey, HealthRecord, OrgPolicy, RobotRecord, TagRecord};
 
 /// How far another node's clock may run ahead of this one's before a time it wrote counts
 /// as being in the future.
@@ -41,15 +41,17 @@ pub enum Kind {
     Policy,
     Tag,
     Holder,
+    Robot,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Admin,
         Kind::Health,
         Kind::Policy,
         Kind::Tag,
         Kind::Holder,
+        Kind::Robot,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -59,6 +61,7 @@ impl Kind {
             Kind::Policy => "policy",
             Kind::Tag => "tag",
             Kind::Holder => "holder",
+            Kind::Robot => "robot",
         }
     }
 }
@@ -84,7 +87,7 @@ pub struct Expiring<T> {
 
 pub struct RecordCheck {
     limits: RecordLimits,
-    invalid: [IntCounter; 5],
+    invalid: [IntCounter; 6],
     logged: Mutex<HashSet<u64>>,
 }
 
@@ -196,6 +199,21 @@ impl RecordCheck {
             return None;
         }
         Some(policy)
+    }
+
+    /// Robot `name`'s record, if it is well formed and named as its field.
+    pub fn robot(&self, key: &str, name: &str, raw: &[u8]) -> Option<RobotRecord> {
+        let at = format!("{key}/{name}");
+        let robot: RobotRecord = self.json(Kind::Robot, &at, raw)?;
+        if robot.name != name {
+            self.reject(Kind::Robot, &at, raw, "the record names another robot");
+            return None;
+        }
+        if let Some((field, why)) = robot.problems().first() {
+            self.reject(Kind::Robot, &at, raw, &format!("{field}: {why}"));
+            return None;
+        }
+        Some(robot)
     }
 
     /// A tag record (field `tag` of `key`).

@@ -10,7 +10,7 @@ use tokio::sync::broadcast;
 
 use super::{invalidate_where, AdminChange, Store, StoreError};
 use crate::model::{
-    AdminState, HealthKey, HealthRecord, Holding, OrgPolicy, RegionalHealth, TagRecord,
+    AdminState, HealthKey, HealthRecord, Holding, OrgPolicy, RegionalHealth, RobotRecord, TagRecord,
 };
 use crate::oci::{Digest, RepoName, Tag};
 
@@ -28,6 +28,7 @@ struct Shared {
     admin: HashMap<String, AdminState>,
     health: HashMap<HealthKey, (HealthRecord, Instant)>,
     policies: HashMap<String, OrgPolicy>,
+    robots: HashMap<String, RobotRecord>,
     seeded: bool,
 }
 
@@ -212,6 +213,23 @@ impl Store for MemoryStore {
 
     async fn delete_policy(&self, org: &str) -> Result<bool, StoreError> {
         Ok(self.shared().policies.remove(org).is_some())
+    }
+
+    async fn robots(&self) -> Result<HashMap<String, RobotRecord>, StoreError> {
+        Ok(self.shared().robots.clone())
+    }
+
+    async fn create_robot(&self, record: &RobotRecord) -> Result<bool, StoreError> {
+        let mut shared = self.shared();
+        if shared.robots.contains_key(&record.name) {
+            return Ok(false);
+        }
+        shared.robots.insert(record.name.clone(), record.clone());
+        Ok(true)
+    }
+
+    async fn delete_robot(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.shared().robots.remove(name).is_some())
     }
 
     async fn publish(&self, event: &str) -> Result<(), StoreError> {

@@ -26,7 +26,7 @@ pub use self::redis::{RedisStore, MAX_FACTS_PER_DIGEST};
 pub use self::redis_target::{redact, RedisTarget, Shape as RedisShape};
 
 use crate::model::{
-    AdminState, HealthKey, HealthRecord, Holding, OrgPolicy, RegionalHealth, TagRecord,
+    AdminState, HealthKey, HealthRecord, Holding, OrgPolicy, RegionalHealth, RobotRecord, TagRecord,
 };
 use crate::oci::{Digest, RepoName, Tag};
 
@@ -140,6 +140,12 @@ pub trait Store: Send + Sync + 'static {
     async fn seed_policies(&self, seeds: &[(String, OrgPolicy)]) -> Result<(), StoreError>;
     async fn put_policy(&self, org: &str, policy: &OrgPolicy) -> Result<(), StoreError>;
     async fn delete_policy(&self, org: &str) -> Result<bool, StoreError>;
+
+    /// Robot accounts by name (records that do not check out are skipped).
+    async fn robots(&self) -> Result<HashMap<String, RobotRecord>, StoreError>;
+    /// Creates robot `record.name`; false (and nothing written) when it exists already.
+    async fn create_robot(&self, record: &RobotRecord) -> Result<bool, StoreError>;
+    async fn delete_robot(&self, name: &str) -> Result<bool, StoreError>;
 
     /// Tells every node that shared state changed.
     async fn publish(&self, event: &str) -> Result<(), StoreError>;

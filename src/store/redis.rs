@@ -23,6 +23,8 @@
 //! - `regatta:policies` HASH, field `<org>` = JSON `OrgPolicy`; field `@seeded` marks that
 //!   the configuration seeded it once (written by the same script as the seeds, after
 //!   them, so a seeding that fails halfway is retried).
+//! - `regatta:robots` HASH, field `<robot name>` = JSON `RobotRecord` (its secret only as a
+//!   SHA-256); created with HSETNX, revoked with HDEL, no TTL (expiry is in the record).
 //! - `regatta:lease:<name>` STRING = holder node, `PX` = lease length.
 //! - channel `regatta:events`: change notices; any message makes nodes reload their snapshot.
 //!   Standalone and Sentinel: PUBLISH/SUBSCRIBE. Cluster: sharded SPUBLISH/SSUBSCRIBE
@@ -49,7 +51,8 @@ use super::checked::{Expiring, Kind, RecordCheck};
 use super::redis_target::{RedisTarget, Shape};
 use super::{corrupt, AdminChange, Store, StoreError, EVENT_RESYNC};
 use crate::model::{
-    unix_ms, AdminState, HealthKey, HealthRecord, Holding, OrgPolicy, RegionalHealth, TagRecord,
+    unix_ms, AdminState, HealthKey, HealthRecord, Holding, OrgPolicy, RegionalHealth, RobotRecord,
+    TagRecord,
 };
 use crate::oci::{Digest, RepoName, Tag};
 
@@ -57,6 +60,7 @@ const CHANNEL: &str = "regatta:events";
 const ADMIN: &str = "regatta:admin";
 const HEALTH: &str = "regatta:health";
 const POLICIES: &str = "regatta:policies";
+const ROBOTS: &str = "regatta:robots";
 /// The field of `regatta:policies` that marks it seeded (no org name starts with `@`).
 const SEEDED_FIELD: &str = "@seeded";
 /// Where versions before the `@seeded` field marked seeding.
@@ -1009,6 +1013,28 @@ impl Store for RedisStore {
         let removed: u64 = self
             .query(redis::cmd("HDEL").arg(POLICIES).arg(org))
             .await?;
+        Ok(removed > 0)
+    }
+
+    async fn robots(&self) -> Result<HashMap<String, RobotRecord>, StoreError> {
+        Ok(self
+            .hash_fields(ROBOTS, Kind::Robot)
+            .await?
+            .into_iter()
+            .filter_map(|(name, raw)| Some((name.clone(), self.check.robot(ROBOTS, &name, &raw)?)))
+            .collect())
+    }
+
+    async fn create_robot(&self, record: &RobotRecord) -> Result<bool, StoreError> {
+        let json = serde_json::to_string(record).map_err(|e| corrupt(ROBOTS, e))?;
+        let created: u64 = self
+            .query(redis::cmd("HSETNX").arg(ROBOTS).arg(&record.name).arg(json))
+            .await?;
+        Ok(created == 1)
+    }
+
+    async fn delete_robot(&self, name: &str) -> Result<bool, StoreError> {
+        let removed: u64 = self.query(redis::cmd("HDEL").arg(ROBOTS).arg(name)).await?;
         Ok(removed > 0)
     }
 

@@ -35,24 +35,26 @@ fn check_config_names_every_problem() {
     );
 }
 
+/// `regatta check-config` on `text` written to `file`: whether it passed, and what it printed.
+fn check_config(file: &std::path::Path, text: &str) -> (bool, String) {
+    std::fs::write(file, text).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_regatta"));
+    cmd.arg("check-config")
+        .arg(file)
+        .env_remove("MISSING_TOKEN");
+    let out = run(cmd, Duration::from_secs(30));
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), printed)
+}
+
 #[test]
 fn check_config_refuses_credentials_in_urls_and_warns_about_plain_http() {
     let dir = tempfile::tempdir().unwrap();
-    let check = |name: &str, text: &str| {
-        let file = dir.path().join(name);
-        std::fs::write(&file, text).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_regatta"));
-        cmd.arg("check-config")
-            .arg(&file)
-            .env_remove("MISSING_TOKEN");
-        let out = run(cmd, Duration::from_secs(30));
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    };
+    let check = |name: &str, text: &str| check_config(&dir.path().join(name), text);
 
     let (ok, out) = check(
         "userinfo.toml",
@@ -117,4 +119,65 @@ fn check_config_names_upstream_group_problems() {
             "{key} ({words}) missing from:\n{err}"
         );
     }
+}
+
+/// A private org needs a signing key and no `direct` backend; the auth files must parse;
+/// a grant to a user the users file lacks is a warning.
+#[test]
+fn check_config_guards_private_orgs() {
+    let files = crate::private::AuthFiles::new();
+    let dir = tempfile::tempdir().unwrap();
+    let check = |name: &str, text: &str| {
+        check_config(
+            &dir.path().join(name),
+            &format!("[server]\nlisten = \"127.0.0.1:0\"\n{text}"),
+        )
+    };
+    let org = |delivery: &str, principal: &str| {
+        format!(
+            "[[backends]]\nid = \"hub\"\nurl = \"http://127.0.0.1:5000\"\ndelivery = \"{delivery}\"\n\
+             [[orgs]]\nname = \"acme\"\nbackends = [\"hub\"]\naccess = \"private\"\n\
+             [[orgs.grants]]\nprincipal = \"{principal}\"\nrepositories = [\"*\"]\n"
+        )
+    };
+    let auth = format!(
+        "[auth]\nsigning_key = \"{}\"\nusers_file = \"{}\"\n",
+        files.key.display(),
+        files.users.display()
+    );
+
+    let (ok, out) = check("no-key.toml", &org("auto", "alice"));
+    assert!(
+        !ok && out.contains("orgs[0].access") && out.contains("signing_key"),
+        "{out}"
+    );
+    let (ok, out) = check("direct.toml", &format!("{auth}{}", org("direct", "alice")));
+    assert!(
+        !ok && out.contains("orgs[0].access") && out.contains("direct"),
+        "{out}"
+    );
+    let not_a_key = dir.path().join("not-a-key.pem");
+    std::fs::write(&not_a_key, "hello").unwrap();
+    let (ok, out) = check(
+        "bad-files.toml",
+        &format!(
+            "[auth]\nsigning_key = \"{}\"\nusers_file = \"{}\"\n",
+            not_a_key.display(),
+            not_a_key.display()
+        ),
+    );
+    assert!(
+        !ok && out.contains("auth.signing_key") && out.contains("auth.users_file"),
+        "{out}"
+    );
+    let (ok, out) = check("good.toml", &format!("{auth}{}", org("resolve", "alice")));
+    assert!(ok, "{out}");
+    let (ok, out) = check(
+        "unknown-user.toml",
+        &format!("{auth}{}", org("proxy", "carol")),
+    );
+    assert!(
+        ok && out.contains("warning") && out.contains("carol"),
+        "{out}"
+    );
 }

@@ -33,6 +33,17 @@ pub fn skopeo_pull_retrying(reference: &str, out: &Path, retries: u32) -> Pulled
 
 /// A skopeo pull that may fail: `Err` with skopeo's own words.
 pub fn try_skopeo_pull(reference: &str, out: &Path, retries: u32) -> Result<Pulled, String> {
+    try_skopeo_pull_as(reference, out, retries, None)
+}
+
+/// A skopeo pull with `--src-creds USER:PASSWORD` when given (and never any stored
+/// credentials: its auth file is an empty one of its own).
+pub fn try_skopeo_pull_as(
+    reference: &str,
+    out: &Path,
+    retries: u32,
+    creds: Option<&str>,
+) -> Result<Pulled, String> {
     require("skopeo");
     let mut cmd = Command::new("skopeo");
     cmd.args([
@@ -42,9 +53,16 @@ pub fn try_skopeo_pull(reference: &str, out: &Path, retries: u32) -> Result<Pull
         "--src-tls-verify=false",
         "--retry-times",
     ])
-    .arg(retries.to_string())
-    .arg(format!("docker://{reference}"))
-    .arg(format!("oci:{}:pulled", out.display()));
+    .arg(retries.to_string());
+    if let Some(creds) = creds {
+        cmd.args(["--src-creds", creds]);
+    }
+    let empty_auth = out.with_extension("auth.json");
+    std::fs::write(&empty_auth, "{}").unwrap();
+    cmd.arg("--src-authfile")
+        .arg(&empty_auth)
+        .arg(format!("docker://{reference}"))
+        .arg(format!("oci:{}:pulled", out.display()));
     let output = crate::procs::run(cmd, PULL_LIMIT);
     if !output.status.success() {
         return Err(format!(
@@ -80,8 +98,11 @@ pub struct Podman {
 impl Podman {
     pub fn new() -> Podman {
         require("podman");
+        let dir = tempfile::tempdir().unwrap();
+        // Its own credentials file (podman wants it to exist), empty until `login`.
+        std::fs::write(dir.path().join("auth.json"), "{}").unwrap();
         Podman {
-            dir: tempfile::tempdir().unwrap(),
+            dir,
             registries: None,
         }
     }
@@ -98,6 +119,8 @@ impl Podman {
 
     fn cmd(&self) -> Command {
         let mut cmd = Command::new("podman");
+        // Credentials from `login` stay with this podman.
+        cmd.env("REGISTRY_AUTH_FILE", self.dir.path().join("auth.json"));
         if let Some(conf) = &self.registries {
             let closed = format!("http://127.0.0.1:{}", crate::procs::free_port());
             cmd.env("CONTAINERS_REGISTRIES_CONF", conf)
@@ -118,6 +141,21 @@ impl Podman {
                 "none",
             ]);
         cmd
+    }
+
+    /// `podman login` to `host` over plain HTTP; its credentials stay with this podman.
+    pub fn login(&self, host: &str, user: &str, password: &str) {
+        let mut cmd = self.cmd();
+        cmd.args([
+            "login",
+            "--tls-verify=false",
+            "-u",
+            user,
+            "-p",
+            password,
+            host,
+        ]);
+        run_ok(cmd, Duration::from_secs(60));
     }
 
     /// Pulls `reference` (the host's platform) and returns the image's config digest (its
@@ -193,14 +231,18 @@ impl Containerd {
     /// `ctr images pull --plain-http --all-platforms`; returns the image's target digest and
     /// the content store's digests.
     pub fn pull(&self, reference: &str) -> Pulled {
+        self.pull_as(reference, None)
+    }
+
+    /// The same with `--user USER:PASSWORD` (containerd asks the token service with the
+    /// OAuth2 password grant, POST, first).
+    pub fn pull_as(&self, reference: &str, user: Option<&str>) -> Pulled {
         let mut cmd = self.ctr();
-        cmd.args([
-            "images",
-            "pull",
-            "--plain-http",
-            "--all-platforms",
-            reference,
-        ]);
+        cmd.args(["images", "pull", "--plain-http", "--all-platforms"]);
+        if let Some(user) = user {
+            cmd.args(["--user", user]);
+        }
+        cmd.arg(reference);
         self.pulled(cmd, reference)
     }
 

@@ -401,6 +401,50 @@ impl Config {
         self
     }
 
+    /// The `[auth]` section: tokens signed with `signing_key`, users from `users_file`.
+    pub fn auth(self, signing_key: &std::path::Path, users_file: &std::path::Path) -> Config {
+        self.auth_rotating(signing_key, &[], users_file)
+    }
+
+    /// The same, still accepting tokens of `previous_keys` (a key rotation).
+    pub fn auth_rotating(
+        mut self,
+        signing_key: &std::path::Path,
+        previous_keys: &[&std::path::Path],
+        users_file: &std::path::Path,
+    ) -> Config {
+        let previous: Vec<String> = previous_keys
+            .iter()
+            .map(|p| format!("\"{}\"", p.display()))
+            .collect();
+        self.sections.push_str(&format!(
+            "[auth]\nservice = \"regatta-test\"\nsigning_key = \"{}\"\nprevious_keys = [{}]\nusers_file = \"{}\"\n",
+            signing_key.display(),
+            previous.join(", "),
+            users_file.display()
+        ));
+        self
+    }
+
+    /// A private org: only `grants` (principal, repository globs) may pull it.
+    pub fn private_org(
+        mut self,
+        name: &str,
+        backends: &[&str],
+        grants: &[(&str, &[&str])],
+    ) -> Config {
+        self = self.org(name, backends, "30s", &[]);
+        self.text.push_str("access = \"private\"\n");
+        for (principal, repositories) in grants {
+            let list: Vec<String> = repositories.iter().map(|r| format!("\"{r}\"")).collect();
+            self.text.push_str(&format!(
+                "[[orgs.grants]]\nprincipal = \"{principal}\"\nrepositories = [{}]\n",
+                list.join(", ")
+            ));
+        }
+        self
+    }
+
     pub fn org(
         mut self,
         name: &str,
