@@ -2,23 +2,16 @@
 //! blob redirect and a cached manifest through the actix service, and the grammar parsers.
 //! Run: `cargo bench --bench gateway`.
 
-use std::sync::Arc;
-
 use actix_web::dev::Service;
-use actix_web::test::{init_service, TestRequest};
-use actix_web::web;
+use actix_web::test::TestRequest;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
-use regatta::config::Settings;
-use regatta::gateway::Gateway;
 use regatta::model::{Health, Holding};
 use regatta::oci::{Digest, Reference, RepoName};
 use regatta::placement::{plan_digest, BackendView};
-use regatta::startup::registry_app;
-use regatta::store::MemoryStore;
-use regatta::upstream::Upstream;
 
-const LAYER: &str = "sha256:2b0ea5c1a1d9a9dbb4a5bd6f5c0b5d8e7f1a2b3c4d5e6f708192a3b4c5d6e7f8";
+mod inproc;
+use inproc::LAYER;
 
 fn placement(c: &mut Criterion) {
     let regions = ["eu", "us", "ap"];
@@ -82,78 +75,16 @@ fn parsing(c: &mut Criterion) {
     group.finish();
 }
 
-fn settings() -> Settings {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bench.toml");
-    std::fs::write(
-        &path,
-        r#"
-        [server]
-        listen = "127.0.0.1:0"
-        region = "eu"
-        [log]
-        filter = "off"
-        [[backends]]
-        id = "hub"
-        url = "http://127.0.0.1:9"
-        region = "eu"
-        delivery = "direct"
-        [[backends]]
-        id = "mirror"
-        url = "http://127.0.0.1:9"
-        region = "us"
-        delivery = "direct"
-        [[orgs]]
-        name = "acme"
-        backends = ["hub", "mirror"]
-    "#,
-    )
-    .unwrap();
-    Settings::load(Some(&path), std::iter::empty()).unwrap()
-}
-
 fn service(c: &mut Criterion) {
     let system = actix_web::rt::System::new();
-    let settings = settings();
-    let gateway = web::Data::new(Gateway::new(
-        &settings,
-        "bench".into(),
-        Arc::new(MemoryStore::new()),
-        Arc::new(regatta::metrics::Metrics::new()),
-    ));
-    let name = RepoName::parse("acme/app").unwrap();
-    let layer = Digest::parse(LAYER).unwrap();
-    let manifest_bytes = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:2b0ea5c1a1d9a9dbb4a5bd6f5c0b5d8e7f1a2b3c4d5e6f708192a3b4c5d6e7f8","size":2},"layers":[]}"#;
-    let manifest_digest = Digest::compute(regatta::oci::Algorithm::Sha256, manifest_bytes);
-    let app = system.block_on(async {
-        // Warm: the hub is known to hold both, nothing needs a backend call.
-        gateway
-            .knowledge
-            .learn(&name, &layer, 0, Holding::Has)
-            .await;
-        gateway
-            .knowledge
-            .learn(&name, &manifest_digest, 0, Holding::Has)
-            .await;
-        gateway
-            .knowledge
-            .keep_manifest(Arc::new(regatta::gateway::Manifest {
-                digest: manifest_digest.clone(),
-                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-                bytes: bytes::Bytes::from_static(manifest_bytes),
-                backend: "hub".into(),
-            }));
-        let upstream = Upstream::new(&settings.upstream, gateway.auth.clone());
-        init_service(registry_app(gateway.clone(), upstream)).await
-    });
-    let blob_uri = format!("/v2/acme/app/blobs/{LAYER}");
-    let manifest_uri = format!("/v2/acme/app/manifests/{manifest_digest}");
+    let warm = inproc::warm(&system, &inproc::settings(""));
+    let (app, blob_uri, manifest_uri) = (&warm.app, &warm.paths.blob, &warm.paths.manifest);
     let mut group = c.benchmark_group("service");
     group.bench_function("warm_blob_redirect", |b| {
         b.iter(|| {
             system.block_on(async {
                 let response = app
-                    .call(TestRequest::get().uri(&blob_uri).to_request())
+                    .call(TestRequest::get().uri(blob_uri).to_request())
                     .await
                     .unwrap();
                 assert_eq!(response.status(), 307);
@@ -164,7 +95,7 @@ fn service(c: &mut Criterion) {
         b.iter(|| {
             system.block_on(async {
                 let response = app
-                    .call(TestRequest::get().uri(&manifest_uri).to_request())
+                    .call(TestRequest::get().uri(manifest_uri).to_request())
                     .await
                     .unwrap();
                 assert_eq!(response.status(), 200);
