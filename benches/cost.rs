@@ -70,13 +70,19 @@ const CASES: &[Case] = &[
         name: "warm_blob_redirect",
         path: |p| p.blob.clone(),
         status: 307,
-        config: "",
+        config: "[access_log]\npath = \"/dev/null\"",
+    },
+    Case {
+        name: "warm_blob_redirect, no access log",
+        path: |p| p.blob.clone(),
+        status: 307,
+        config: "[access_log]\nenabled = false",
     },
     Case {
         name: "cached_manifest",
         path: |p| p.manifest.clone(),
         status: 200,
-        config: "",
+        config: "[access_log]\npath = \"/dev/null\"",
     },
     Case {
         name: "healthz (the stack's floor)",
@@ -130,16 +136,19 @@ fn run(case: &Case, n: u64) -> (f64, f64) {
     })
 }
 
-/// Instructions callgrind counts inside `serve_one` for `n` requests of case `index`.
-fn instructions(index: usize, n: u64) -> Option<u64> {
+/// Instructions callgrind counts inside `function` (and what it calls) while `n` requests
+/// of case `index` are served.
+fn instructions(index: usize, n: u64, function: &str) -> Option<u64> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("callgrind.out");
     let status = Command::new("valgrind")
         .arg("--tool=callgrind")
-        .arg("--toggle-collect=*serve_one*")
+        .arg(format!("--toggle-collect={function}"))
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg(std::env::current_exe().unwrap())
         .env("COST_INNER", format!("{index}:{n}"))
+        // Long enough for the access log writer to drain every line before the end.
+        .env("COST_LINGER_MS", "200")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
@@ -155,6 +164,12 @@ fn main() {
     if let Ok(inner) = std::env::var("COST_INNER") {
         let (index, n) = inner.split_once(':').unwrap();
         run(&CASES[index.parse::<usize>().unwrap()], n.parse().unwrap());
+        if let Some(ms) = std::env::var("COST_LINGER_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         return;
     }
     let n: u64 = std::env::var("COST_REQUESTS")
@@ -175,18 +190,33 @@ fn main() {
     for (index, case) in CASES.iter().enumerate() {
         let (allocations, bytes) = run(case, n);
         // The difference of two runs: start-up and the first requests cancel out.
-        let per_request = if valgrind {
+        let per_request = |function: &str| {
+            if !valgrind {
+                return "-".to_owned();
+            }
             let (few, many) = (1_000, 6_000);
-            match (instructions(index, few), instructions(index, many)) {
-                (Some(a), Some(b)) => format!("{:.0}", (b - a) as f64 / (many - few) as f64),
+            match (
+                instructions(index, few, function),
+                instructions(index, many, function),
+            ) {
+                (Some(a), Some(b)) => {
+                    format!("{:.0}", b.saturating_sub(a) as f64 / (many - few) as f64)
+                }
                 _ => "?".into(),
             }
-        } else {
-            "-".into()
         };
+        let per_request_thread = per_request("*serve_one*");
         println!(
             "{:<32} {:>14} {:>14.2} {:>12.0}",
-            case.name, per_request, allocations, bytes
+            case.name, per_request_thread, allocations, bytes
         );
+        if case.config.contains("/dev/null") && case.status == 307 {
+            // The access log line's cost on its own thread: formatting and writing.
+            println!(
+                "{:<32} {:>14}",
+                "  + access log writer, per line",
+                per_request("*access_log*write_lines*")
+            );
+        }
     }
 }

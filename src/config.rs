@@ -29,6 +29,8 @@ pub struct Settings {
     #[serde(default)]
     pub log: LogSettings,
     #[serde(default)]
+    pub access_log: AccessLogSettings,
+    #[serde(default)]
     pub tracing: TracingSettings,
     #[serde(default)]
     pub admin: AdminSettings,
@@ -461,6 +463,40 @@ impl Default for LogSettings {
             filter: "info".into(),
         }
     }
+}
+
+/// The access log: one line per registry API request, written off the request thread
+/// (`crate::access_log`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLogSettings {
+    /// On by default, like nginx's.
+    pub enabled: bool,
+    /// `json` (one object per line) or `logfmt` (`key=value` pairs).
+    pub format: AccessLogFormat,
+    /// `-` for stderr (beside the other logs), or a file the lines are appended to.
+    pub path: String,
+    /// Lines held for the writer at most; when the output cannot keep up, further lines
+    /// are dropped and counted (`regatta_access_log_dropped_total`), never waited for.
+    pub buffer_lines: usize,
+}
+
+impl Default for AccessLogSettings {
+    fn default() -> Self {
+        AccessLogSettings {
+            enabled: true,
+            format: AccessLogFormat::Json,
+            path: "-".into(),
+            buffer_lines: 65_536,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    Json,
+    Logfmt,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -909,6 +945,12 @@ impl Settings {
             problem(
                 "server.region".into(),
                 format!("'{}' must be [a-z0-9_-]+, at most 64", self.server.region),
+            );
+        }
+        if self.access_log.enabled && self.access_log.buffer_lines == 0 {
+            problem(
+                "access_log.buffer_lines".into(),
+                "must be at least 1 (or set access_log.enabled = false)".into(),
             );
         }
         if let Err(p) = self.store.redis_target() {

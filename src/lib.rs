@@ -1,6 +1,7 @@
 //! regatta: a clustered container-registry gateway. See ARCHITECTURE.md for the map.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod admin_cli;
 pub mod api_error;

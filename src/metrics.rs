@@ -30,6 +30,8 @@ pub struct Metrics {
     pub store_errors: IntCounter,
     /// Learned facts not written to the store because its write queue was full.
     pub store_writes_dropped: IntCounter,
+    /// Access log lines dropped because the writer could not keep up.
+    pub access_log_dropped: IntCounter,
     /// Records read from the shared store and skipped as invalid, by kind (admin, health,
     /// policy, tag, holder).
     pub store_invalid_records: IntCounterVec,
@@ -166,6 +168,10 @@ impl Metrics {
             store_writes_dropped: register!(IntCounter::new(
                 "regatta_store_writes_dropped_total",
                 "Learned facts (holders, tags) not shared through the store because its write queue was full"
+            )),
+            access_log_dropped: register!(IntCounter::new(
+                "regatta_access_log_dropped_total",
+                "Access log lines dropped because the output could not keep up (requests never wait for their line)"
             )),
             store_invalid_records: register!(IntCounterVec::new(
                 Opts::new(

@@ -6,10 +6,12 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 
 use actix_web::dev::{Server, ServerHandle};
-use actix_web::http::Method;
+use actix_web::http::header::{self, HeaderName};
+use actix_web::http::{Method, StatusCode};
 use actix_web::middleware::DefaultHeaders;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 
+use crate::access_log::{Entry, RequestId};
 use crate::admin::{self, AdminToken};
 use crate::api_error::{ApiError, API_VERSION};
 use crate::config::{HealthSettings, Settings, UpstreamSettings};
@@ -279,24 +281,21 @@ fn hostname() -> String {
         .unwrap_or_else(|| "regatta".into())
 }
 
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The client's `X-Request-Id` when it is a sane token, else a fresh one.
-fn request_id(req: &HttpRequest) -> String {
+fn request_id(req: &HttpRequest) -> RequestId {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    if let Some(given) = req
-        .headers()
-        .get(REQUEST_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-    {
-        let sane = !given.is_empty()
-            && given.len() <= 128
-            && given
-                .bytes()
+    if let Some(given) = req.headers().get(REQUEST_ID_HEADER) {
+        let bytes = given.as_bytes();
+        let sane = !bytes.is_empty()
+            && bytes.len() <= 128
+            && bytes
+                .iter()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
         if sane {
-            return given.to_owned();
+            return RequestId::Given(given.clone());
         }
     }
     let seed = *SEED.get_or_init(|| {
@@ -307,11 +306,11 @@ fn request_id(req: &HttpRequest) -> String {
         nanos ^ (u64::from(std::process::id()) << 32)
     });
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("{seed:016x}-{n:x}")
+    RequestId::Generated { seed, n }
 }
 
-/// Every registry API request: an id (returned as `X-Request-Id` and on every log line of
-/// the request), the answer, its metrics and its log line.
+/// Every registry API request: an id (returned as `X-Request-Id`, on every log line of the
+/// request and in its access log line), the answer, its metrics and its access log line.
 async fn dispatch(
     req: HttpRequest,
     gw: web::Data<Gateway>,
@@ -326,7 +325,7 @@ async fn dispatch(
         Err(_) => (None, "ns"),
     };
     // The warm path: a blob redirect already decided under the current epoch, its metrics
-    // resolved when it was decided.
+    // resolved and its header values built when it was decided.
     let warm = match &routed {
         Ok(r) if req.method() == Method::GET => gw.knowledge.redirect(&r.path),
         _ => None,
@@ -335,17 +334,28 @@ async fn dispatch(
         gw.metrics.redirect_hits.inc();
         hit.decision.inc();
         hit.requests.inc();
-        let mut response = HttpResponse::TemporaryRedirect()
-            .insert_header((actix_web::http::header::LOCATION, hit.location.clone()))
-            .insert_header((gateway::BACKEND_HEADER, hit.backend.clone()))
-            .finish();
-        set_request_id(&mut response, &id);
-        gw.metrics
-            .blob_seconds
-            .observe(started.elapsed().as_secs_f64());
-        if tracing::enabled!(tracing::Level::INFO) {
-            let span = tracing::info_span!("request", request_id = %id, http.method = "GET", http.target = req.path());
-            log_request(&span, &req, "blob", (group, via), &response, started);
+        let mut response = HttpResponse::new(StatusCode::TEMPORARY_REDIRECT);
+        let headers = response.headers_mut();
+        headers.insert(header::LOCATION, hit.location.clone());
+        headers.insert(gateway::BACKEND_HEADER, hit.backend.clone());
+        headers.insert(REQUEST_ID_HEADER, id.header_value());
+        let elapsed = started.elapsed();
+        gw.metrics.blob_seconds.observe(elapsed.as_secs_f64());
+        if let Some(log) = &gw.access_log {
+            log.log(Entry {
+                at: std::time::SystemTime::now(),
+                method: Method::GET,
+                path: hit.path.clone(),
+                route: "blob",
+                org: Some(hit.org.clone()),
+                ns: group.map(|_| hit.org.clone()),
+                via,
+                status: 307,
+                backend: Some(hit.backend.clone()),
+                decision: "cached",
+                micros: elapsed.as_micros() as u64,
+                request_id: id,
+            });
         }
         return response;
     }
@@ -354,7 +364,7 @@ async fn dispatch(
     }
     let span = tracing::info_span!(
         "request",
-        request_id = %id,
+        request_id = %RequestIdText(&id),
         http.method = %req.method(),
         http.target = req.path(),
     );
@@ -370,7 +380,9 @@ async fn dispatch(
         Ok(response) => response,
         Err(e) => actix_web::ResponseError::error_response(&e),
     };
-    set_request_id(&mut response, &id);
+    response
+        .headers_mut()
+        .insert(REQUEST_ID_HEADER, id.header_value());
     let org = group.unwrap_or_else(|| org_label(&gw, req.path()));
     gw.metrics
         .requests
@@ -381,12 +393,30 @@ async fn dispatch(
             org,
         ])
         .inc();
+    let elapsed = started.elapsed();
     gw.metrics
         .request_seconds
         .with_label_values(&[route])
-        .observe(started.elapsed().as_secs_f64());
-    if tracing::enabled!(tracing::Level::INFO) {
-        log_request(&span, &req, route, (group, via), &response, started);
+        .observe(elapsed.as_secs_f64());
+    if let Some(log) = &gw.access_log {
+        let decision = response
+            .extensions()
+            .get::<gateway::Decision>()
+            .map_or("-", |d| d.0);
+        log.log(Entry {
+            at: std::time::SystemTime::now(),
+            method: req.method().clone(),
+            path: req.path().into(),
+            route,
+            org: (org != "-").then(|| org.into()),
+            ns: group.map(Arc::from),
+            via,
+            status: response.status().as_u16(),
+            backend: response.headers().get(gateway::BACKEND_HEADER).cloned(),
+            decision,
+            micros: elapsed.as_micros() as u64,
+            request_id: id,
+        });
     }
     response
 }
@@ -399,42 +429,15 @@ fn route_kind(path: &str) -> &'static str {
     }
 }
 
-fn set_request_id(response: &mut HttpResponse, id: &str) {
-    if let Ok(value) = actix_web::http::header::HeaderValue::from_str(id) {
-        response.headers_mut().insert(
-            actix_web::http::header::HeaderName::from_static(REQUEST_ID_HEADER),
-            value,
-        );
-    }
-}
+/// A request id shown in a span, formatted only when the span is recorded.
+struct RequestIdText<'a>(&'a RequestId);
 
-/// One log line per request, inside its span (so it carries the request id).
-fn log_request(
-    span: &tracing::Span,
-    req: &HttpRequest,
-    route: &str,
-    (group, via): (Option<&str>, &str),
-    response: &HttpResponse,
-    started: std::time::Instant,
-) {
-    let _entered = span.enter();
-    let backend = response
-        .headers()
-        .get(gateway::BACKEND_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    tracing::info!(
-        method = %req.method(),
-        path = req.path(),
-        route,
-        // The upstream group of mirror mode and what chose it (`-`: an org's request).
-        ns = %group.unwrap_or("-"),
-        via = %via,
-        status = response.status().as_u16(),
-        backend,
-        micros = started.elapsed().as_micros() as u64,
-        "request"
-    );
+impl std::fmt::Display for RequestIdText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut text = Vec::with_capacity(40);
+        self.0.write_to(&mut text);
+        f.write_str(std::str::from_utf8(&text).unwrap_or("-"))
+    }
 }
 
 /// The org a path names, when it is one this node serves (bounded label values).

@@ -61,7 +61,12 @@ pub(super) async fn serve(
                 deliver(gw, up, req, org, b, name, digest).await
             };
             match outcome {
-                Ok(response) => {
+                Ok(mut response) => {
+                    let reason = match (tried.is_empty(), plan.region_chose) {
+                        (false, _) => "failover",
+                        (true, true) => "region",
+                        (true, false) => "holder",
+                    };
                     if !head {
                         // A private org's redirects are not kept for the warm path, which
                         // answers before any access check.
@@ -70,13 +75,9 @@ pub(super) async fn serve(
                         {
                             remember_redirect(gw, req, name, b, digest, &response, epoch);
                         }
-                        let reason = match (tried.is_empty(), plan.region_chose) {
-                            (false, _) => "failover",
-                            (true, true) => "region",
-                            (true, false) => "holder",
-                        };
                         count_decision(gw, b, reason);
                     }
+                    response.extensions_mut().insert(super::Decision(reason));
                     return Ok(response);
                 }
                 Err(Failure::Missing) => {
@@ -164,6 +165,7 @@ fn remember_redirect(
         epoch,
         location.clone(),
         id.clone(),
+        name.org().into(),
         counters,
         good_for,
     );

@@ -61,6 +61,9 @@ const REDIRECT_REUSE: Duration = Duration::from_secs(10);
 pub struct Redirect {
     pub location: actix_web::http::header::HeaderValue,
     pub backend: actix_web::http::header::HeaderValue,
+    /// The request path and the org, for the access log.
+    pub path: Arc<str>,
+    pub org: Arc<str>,
     /// What a reuse counts, resolved once: the decision and the request.
     pub decision: prometheus::IntCounter,
     pub requests: prometheus::IntCounter,
@@ -92,7 +95,7 @@ fn weight(bytes: usize) -> u32 {
 // moka hands the weigher the key as stored.
 #[allow(clippy::borrowed_box)]
 fn redirect_weight(path: &Box<str>, r: &Arc<Redirect>) -> u32 {
-    weight(path.len() + r.location.len() + r.backend.len())
+    weight(2 * path.len() + r.location.len() + r.backend.len() + r.org.len())
 }
 
 fn holder_weight(k: &HolderKey, _: &Instant) -> u32 {
@@ -535,6 +538,7 @@ impl Knowledge {
         epoch: u64,
         location: actix_web::http::header::HeaderValue,
         backend: actix_web::http::header::HeaderValue,
+        org: Arc<str>,
         counters: (prometheus::IntCounter, prometheus::IntCounter),
         good_for: Duration,
     ) {
@@ -544,6 +548,8 @@ impl Knowledge {
             Arc::new(Redirect {
                 location,
                 backend,
+                path: path.into(),
+                org,
                 decision: counters.0,
                 requests: counters.1,
                 epoch,

@@ -125,6 +125,9 @@ pub fn platform_manifest(index: &[u8], accept: &[String]) -> Option<Digest> {
 fn respond(manifest: &Manifest, backend: &str, stale: bool) -> HttpResponse {
     let mut response = HttpResponse::Ok();
     response
+        .extensions_mut()
+        .insert(super::Decision(if stale { "stale" } else { "holder" }));
+    response
         .insert_header((header::CONTENT_TYPE, manifest.media_type.as_str()))
         .insert_header((DIGEST_HEADER, manifest.digest.as_str()))
         .insert_header((BACKEND_HEADER, backend));
@@ -136,6 +139,9 @@ fn respond(manifest: &Manifest, backend: &str, stale: bool) -> HttpResponse {
 
 fn head_from_record(record: &TagRecord, stale: bool) -> HttpResponse {
     let mut response = HttpResponse::Ok();
+    response
+        .extensions_mut()
+        .insert(super::Decision(if stale { "stale" } else { "holder" }));
     response
         .insert_header((header::CONTENT_TYPE, record.media_type.as_str()))
         .insert_header((DIGEST_HEADER, record.digest.as_str()))

@@ -32,7 +32,13 @@ use crate::store::Store;
 use crate::topology::{Org, Topology};
 use crate::upstream::{AuthCache, Upstream, UpstreamError};
 
-pub const BACKEND_HEADER: &str = "X-Regatta-Backend";
+pub const BACKEND_HEADER: actix_web::http::header::HeaderName =
+    actix_web::http::header::HeaderName::from_static("x-regatta-backend");
+
+/// Why a response's backend was chosen (`holder`, `region`, `failover`, `stale`), kept in
+/// the response's extensions for the access log.
+#[derive(Debug, Clone, Copy)]
+pub struct Decision(pub &'static str);
 pub const STALE_HEADER: &str = "X-Regatta-Stale";
 
 pub struct Gateway {
@@ -47,6 +53,8 @@ pub struct Gateway {
     pub state: Arc<ClusterState>,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
+    /// One line per request, written off the request thread; `None` when turned off.
+    pub access_log: Option<crate::access_log::AccessLog>,
     /// Whether this node should receive traffic (`/readyz`).
     pub readiness: crate::readiness::Readiness,
     /// Cold lookups in flight, so identical ones go to the backends once.
@@ -75,6 +83,12 @@ impl Gateway {
                 .map(|o| o.name.as_str())
                 .chain(settings.upstreams.iter().map(|u| u.name.as_str())),
         );
+        let access_log =
+            crate::access_log::AccessLog::start(&settings.access_log, metrics.access_log_dropped.clone())
+                .unwrap_or_else(|e| {
+                    tracing::error!(path = %settings.access_log.path, error = %e, "cannot open the access log; it is off");
+                    None
+                });
         Gateway {
             knowledge: Knowledge::new(
                 &settings.cache,
@@ -100,6 +114,7 @@ impl Gateway {
                 settings.server.drain_file.clone(),
             ),
             limiter: crate::limits::ColdLimiter::new(&settings.limits),
+            access_log,
         }
     }
 }

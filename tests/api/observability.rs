@@ -327,22 +327,141 @@ async fn request_ids_are_returned_and_logged() {
         .to_owned();
     assert_ne!(bad_id, "spaces are not allowed");
 
-    for id in ["test-request-42", fresh_id.as_str(), bad_id.as_str()] {
+    // A blob asked twice: placed by its holder first, then answered from the warm cache.
+    let image = images::multiarch(&dir.path().join("image"), "access", "1.0", 1, 1024);
+    registry.push(&image, "acme/app", "1.0");
+    let blob = format!(
+        "http://127.0.0.1:{port}/v2/acme/app/blobs/{}",
+        image.platform("amd64").layers[0].digest
+    );
+    let no_follow = awc::Client::builder().disable_redirects().finish();
+    for id in ["blob-cold", "blob-warm"] {
+        let answer = no_follow
+            .get(&blob)
+            .insert_header(("X-Request-Id", id))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 307);
+    }
+
+    // One access log line per request, with what the request was and how it was answered.
+    let path_of = |url: &str| url.split_once(&format!("{port}")).unwrap().1.to_owned();
+    let expected = [
+        (
+            "test-request-42",
+            "/v2/acme/app/manifests/none",
+            "manifest",
+            "acme",
+            404,
+            "-",
+            "-",
+        ),
+        (fresh_id.as_str(), "/v2/", "base", "-", 200, "-", "-"),
+        (
+            bad_id.as_str(),
+            "/v2/Bad/x/manifests/1",
+            "invalid",
+            "-",
+            400,
+            "-",
+            "-",
+        ),
+        (
+            "blob-cold",
+            &path_of(&blob),
+            "blob",
+            "acme",
+            307,
+            "hub",
+            "holder",
+        ),
+        (
+            "blob-warm",
+            &path_of(&blob),
+            "blob",
+            "acme",
+            307,
+            "hub",
+            "cached",
+        ),
+    ];
+    for (id, path, route, org, status, backend, decision) in expected {
+        let mut found = None;
         wait_until(
-            &format!("a log line for {id}"),
+            &format!("an access log line for {id}"),
             Duration::from_secs(10),
             || {
-                std::fs::read_to_string(&log)
+                found = std::fs::read_to_string(&log)
                     .unwrap_or_default()
                     .lines()
-                    .any(|line| {
-                        serde_json::from_str::<Value>(line).is_ok_and(|v| {
-                            v["span"]["request_id"] == id && v["message"] == "request"
-                        })
-                    })
+                    .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+                    .find(|v| v["kind"] == "access" && v["request_id"] == id);
+                found.is_some()
             },
         );
+        let line = found.unwrap();
+        assert_eq!(line["method"], "GET", "{line}");
+        assert_eq!(line["path"], path, "{line}");
+        assert_eq!(line["route"], route, "{line}");
+        assert_eq!(line["org"], org, "{line}");
+        assert_eq!(line["status"], status, "{line}");
+        assert_eq!(line["backend"], backend, "{line}");
+        assert_eq!(line["decision"], decision, "{line}");
+        assert!(line["micros"].is_u64(), "{line}");
+        assert!(line["time"].as_str().unwrap().ends_with('Z'), "{line}");
     }
+}
+
+#[actix_web::test]
+async fn access_log_in_logfmt_to_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let access = dir.path().join("access.log");
+    let node = NodeProcess::start(
+        dir.path(),
+        "regatta",
+        &format!(
+            "[access_log]\nformat = \"logfmt\"\npath = \"{}\"\n\
+             [[backends]]\nid = \"hub\"\nurl = \"http://127.0.0.1:9\"\ndelivery = \"direct\"\n\
+             [[orgs]]\nname = \"acme\"\nbackends = [\"hub\"]\n",
+            access.display()
+        ),
+        &[],
+    );
+    let url = format!("http://127.0.0.1:{}/v2/", node.port);
+    wait_for_http(&url).await;
+    let answer = awc::Client::new()
+        .get(&url)
+        .insert_header(("X-Request-Id", "logfmt-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let mut line = String::new();
+    wait_until("the logfmt line", Duration::from_secs(10), || {
+        line = std::fs::read_to_string(&access)
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.ends_with("request_id=logfmt-1"))
+            .unwrap_or_default()
+            .to_owned();
+        !line.is_empty()
+    });
+    for pair in [
+        "kind=access",
+        "method=GET",
+        "path=/v2/",
+        "route=base",
+        "org=-",
+        "status=200",
+        "backend=-",
+        "decision=-",
+    ] {
+        assert!(line.split(' ').any(|p| p == pair), "{pair} in {line}");
+    }
+    // The node's own log (stderr) does not carry the access lines.
+    let own = std::fs::read_to_string(&node.log).unwrap();
+    assert!(!own.contains("logfmt-1"), "{own}");
 }
 
 /// Each request a backend saw: `METHOD /path` and its `traceparent`.
