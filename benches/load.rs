@@ -4,9 +4,14 @@
 //! with the same connections and duration, in interleaved rounds. A Redis-backed node runs in
 //! the same rounds, and the Redis commands it sent meanwhile are counted.
 //!
+//! Two fair pairs: with access logs off (regatta's off, nginx `access_log off`), and with
+//! each server's default access log on (regatta's JSON lines on stderr, collected in a file;
+//! nginx's default `combined` format to a file with `buffer=64k`).
+//!
 //! Prints requests/s and p50/p99 per server and the ratios; asserts nothing about time.
 //! Run: `bash benches/load/run.sh` (installs wrk, nginx, caddy) or `cargo bench --bench load`.
-//! Knobs: LOAD_ROUNDS (3), LOAD_SECONDS (5), LOAD_CONNECTIONS (32).
+//! Knobs: LOAD_ROUNDS (3), LOAD_SECONDS (5), LOAD_CONNECTIONS (64), LOAD_TARGETS (a comma
+//! list of the servers to drive, all when unset).
 
 #![allow(dead_code)]
 
@@ -29,7 +34,9 @@ use std::time::Duration;
 
 use procs::{free_port, require, run_ok, wait_until, Proc};
 use registry::{Registry, Shape};
-use support::{env_or, median, start_nginx, start_node, wrk, Samples};
+use support::{
+    env_or, median, start_nginx, start_nginx_logging, start_node, start_node_logging, wrk, Samples,
+};
 
 struct Target {
     name: &'static str,
@@ -64,7 +71,12 @@ fn main() {
     require("wrk");
     let rounds = env_or("LOAD_ROUNDS", 3);
     let seconds = env_or("LOAD_SECONDS", 5);
-    let connections = env_or("LOAD_CONNECTIONS", 32);
+    let connections = env_or("LOAD_CONNECTIONS", 64);
+    let only = std::env::var("LOAD_TARGETS").ok();
+    let wanted = |name: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|t| t.trim() == name))
+    };
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
 
@@ -76,6 +88,7 @@ fn main() {
         "[[backends]]\nid = \"hub\"\nurl = \"{backend}\"\nregion = \"eu\"\ndelivery = \"direct\"\n[[orgs]]\nname = \"acme\"\nbackends = [\"hub\"]\n"
     );
     let memory_node = start_node(dir, "regatta", &org);
+    let logging_node = start_node_logging(dir, "regatta-log", "", &org);
     let redis = redis_server::Redis::start();
     let redis_node = start_node(
         dir,
@@ -83,7 +96,7 @@ fn main() {
         &format!("[store]\ntype = \"redis\"\nurl = \"{}\"\n[health]\ninterval = \"1h\"\n[cluster]\nrefresh_interval = \"1h\"\n{org}", redis.url()),
     );
     // Warm both nodes with a real pull: tag, manifests and layer holders are then known.
-    for node in [&memory_node, &redis_node] {
+    for node in [&memory_node, &logging_node, &redis_node] {
         let mut pull = Command::new("skopeo");
         pull.args([
             "copy",
@@ -99,7 +112,14 @@ fn main() {
         run_ok(pull, Duration::from_secs(120));
     }
     let (_nginx, nginx_port) = start_nginx(dir, &backend);
-    let (_caddy, caddy_port) = start_caddy(dir, &backend);
+    let (_nginx_log, nginx_log_port) = start_nginx_logging(
+        dir,
+        "nginx-log",
+        &backend,
+        &format!("{}/nginx-access.log combined buffer=64k", dir.display()),
+    );
+    let caddy = wanted("caddy-facade").then(|| start_caddy(dir, &backend));
+    let caddy_port = caddy.as_ref().map_or(0, |c| c.1);
 
     let path = format!(
         "/v2/acme/app/blobs/{}",
@@ -109,6 +129,16 @@ fn main() {
         Target {
             name: "regatta",
             port: memory_node.port,
+            path: path.clone(),
+        },
+        Target {
+            name: "regatta+log",
+            port: logging_node.port,
+            path: path.clone(),
+        },
+        Target {
+            name: "nginx+log",
+            port: nginx_log_port,
             path: path.clone(),
         },
         Target {
@@ -135,6 +165,7 @@ fn main() {
             path: "/healthz".into(),
         });
     }
+    targets.retain(|t| wanted(t.name));
     let mut results: BTreeMap<&str, Samples> = BTreeMap::new();
     let redis_before = redis.settled_commands();
     let mut redis_during = 0;
@@ -176,17 +207,21 @@ fn main() {
         rps.insert(t.name, r);
         println!("{:<15} {:>12.0} {:>10.3} {:>10.3}", t.name, r, p50, p99);
     }
-    println!(
-        "regatta / nginx-307        = {:.2}",
-        rps["regatta"] / rps["nginx-307"]
-    );
-    println!(
-        "regatta / caddy-facade     = {:.2}",
-        rps["regatta"] / rps["caddy-facade"]
-    );
-    println!(
-        "regatta+redis / nginx-307  = {:.2}",
-        rps["regatta+redis"] / rps["nginx-307"]
-    );
+    for (a, b) in [
+        ("regatta", "nginx-307"),
+        ("regatta+log", "nginx+log"),
+        ("regatta", "caddy-facade"),
+        ("regatta+redis", "nginx-307"),
+    ] {
+        if let (Some(x), Some(y)) = (rps.get(a), rps.get(b)) {
+            println!("{:<28} = {:.2}", format!("{a} / {b}"), x / y);
+        }
+    }
+    let lines = std::fs::read_to_string(&logging_node.log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(r#""kind":"access""#))
+        .count();
+    println!("access log lines written by regatta+log: {lines}");
     println!("redis commands during the regatta+redis runs: {redis_during}");
 }

@@ -8,16 +8,24 @@ use std::time::Duration;
 use crate::helpers::NodeProcess;
 use crate::procs::{free_port, require, run_ok, wait_until, Proc};
 
-/// A release-build node with `extra` configuration, JSON logs at `warn`, and `LOAD_WORKERS`
-/// workers when that is set.
+/// A release-build node with `extra` configuration, JSON logs at `warn`, its access log
+/// off, and `LOAD_WORKERS` workers when that is set.
 pub fn start_node(dir: &Path, name: &str, extra: &str) -> NodeProcess {
+    start_node_logging(dir, name, "[access_log]\nenabled = false\n", extra)
+}
+
+/// The same with `access_log` as its `[access_log]` section (its default configuration when
+/// empty: JSON lines on stderr, which the node's log file collects).
+pub fn start_node_logging(dir: &Path, name: &str, access_log: &str, extra: &str) -> NodeProcess {
     let workers = std::env::var("LOAD_WORKERS")
         .map(|w| format!("workers = {w}\n"))
         .unwrap_or_default();
     NodeProcess::start(
         dir,
         name,
-        &format!("region = \"eu\"\n{workers}[log]\nformat = \"json\"\nfilter = \"warn\"\n{extra}"),
+        &format!(
+            "region = \"eu\"\n{workers}[log]\nformat = \"json\"\nfilter = \"warn\"\n{access_log}{extra}"
+        ),
         &[],
     )
 }
@@ -63,17 +71,28 @@ impl Drop for Graceful {
 
 /// nginx answering every request with `307 BACKEND$request_uri`, access log off.
 pub fn start_nginx(dir: &Path, backend: &str) -> (Graceful, u16) {
+    start_nginx_logging(dir, "nginx-307", backend, "off")
+}
+
+/// The same, named `name`, with `access_log` as its `access_log` directive (e.g. nginx's
+/// default format to a file with its buffer: `/path buffer=64k`).
+pub fn start_nginx_logging(
+    dir: &Path,
+    name: &str,
+    backend: &str,
+    access_log: &str,
+) -> (Graceful, u16) {
     require("nginx");
     let port = free_port();
     let d = dir.display();
-    let conf = dir.join("nginx-307.conf");
+    let conf = dir.join(format!("{name}.conf"));
     let workers = std::env::var("LOAD_WORKERS").unwrap_or_else(|_| "auto".into());
     std::fs::write(
         &conf,
         format!(
-            "daemon off;\nworker_processes {workers};\npid {d}/nginx-307.pid;\nerror_log {d}/nginx-307-error.log;\n\
+            "daemon off;\nworker_processes {workers};\npid {d}/{name}.pid;\nerror_log {d}/{name}-error.log;\n\
              events {{ worker_connections 1024; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/nb;\n  proxy_temp_path {d}/np;\n  fastcgi_temp_path {d}/nf;\n  uwsgi_temp_path {d}/nu;\n  scgi_temp_path {d}/ns;\n\
+             http {{\n  access_log {access_log};\n  client_body_temp_path {d}/nb;\n  proxy_temp_path {d}/np;\n  fastcgi_temp_path {d}/nf;\n  uwsgi_temp_path {d}/nu;\n  scgi_temp_path {d}/ns;\n\
                server {{\n    listen 127.0.0.1:{port};\n    location / {{ return 307 {backend}$request_uri; }}\n  }}\n}}\n"
         ),
     )
@@ -82,8 +101,8 @@ pub fn start_nginx(dir: &Path, backend: &str) -> (Graceful, u16) {
     cmd.arg("-c")
         .arg(&conf)
         .arg("-e")
-        .arg(dir.join("nginx-307-error.log"));
-    let proc = Proc::spawn("nginx", cmd, &dir.join("nginx-307.out"));
+        .arg(dir.join(format!("{name}-error.log")));
+    let proc = Proc::spawn("nginx", cmd, &dir.join(format!("{name}.out")));
     wait_until("nginx", Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });

@@ -11,7 +11,7 @@ use actix_web::http::header;
 use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse};
 use bytes::Bytes;
-use futures_util::StreamExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 
 use super::knowledge::Detected;
 use super::manifests::DIGEST_HEADER;
@@ -41,8 +41,7 @@ pub(super) async fn serve(
         // waited for another's probe finds what it learned in the new plan.
         if let Some(_lead) = gw.flights.join(format!("probe {name}@{digest}")).await {
             s.spend_cold()?;
-            probe(gw, up, org, name, digest, &plan.probe_first).await;
-            probed.extend(&plan.probe_first);
+            probed = probe(gw, up, org, name, digest, &plan.probe_first).await;
         }
         plan = s.digest_plan(name, digest).await;
     }
@@ -97,8 +96,11 @@ pub(super) async fn serve(
         if unasked.is_empty() {
             break;
         }
-        probe(gw, up, org, name, digest, &unasked).await;
-        probed.extend(&unasked);
+        let answered = probe(gw, up, org, name, digest, &unasked).await;
+        if answered.is_empty() {
+            break;
+        }
+        probed.extend(answered);
         plan = s.digest_plan(name, digest).await;
     }
     let unknown = ApiError::BlobUnknown(format!("{name}@{digest}"));
@@ -178,7 +180,11 @@ enum Failure {
     Broken(String),
 }
 
-/// Asks `backends` whether they hold the blob, in parallel, with a HEAD each.
+/// Asks `backends` whether they hold the blob, in parallel, with a HEAD each, and learns
+/// from the answers. The first positive answer ends the wait: answers that arrived with it
+/// are learned too (the plan's order then decides among those holders); probes still in
+/// flight are dropped and their backends stay unknown (a later plan may ask them again).
+/// Returns the backends that answered.
 async fn probe(
     gw: &Gateway,
     up: &Upstream,
@@ -186,32 +192,54 @@ async fn probe(
     name: &RepoName,
     digest: &Digest,
     backends: &[BackendIdx],
-) {
-    let probes = backends
+) -> Vec<BackendIdx> {
+    let mut answered = Vec::with_capacity(backends.len());
+    let mut answers: futures_util::stream::FuturesUnordered<_> = backends
         .iter()
-        .map(|&b| async move { (b, head_on(gw, up, org, b, name, digest).await) });
-    for (b, answer) in futures_util::future::join_all(probes).await {
-        let holding = match &answer {
-            Ok(r) if r.status().is_success() || r.status().is_redirection() => {
-                if r.status().is_success() {
-                    if let Some(size) = content_length(r) {
-                        gw.knowledge.learn_size(digest, size);
-                    }
-                }
-                Holding::Has
+        .map(|&b| async move { (b, head_on(gw, up, org, b, name, digest).await) })
+        .collect();
+    while let Some((b, answer)) = answers.next().await {
+        answered.push(b);
+        if learn_probe(gw, name, digest, b, &answer).await == Holding::Has {
+            while let Some(Some((b, answer))) = answers.next().now_or_never() {
+                answered.push(b);
+                learn_probe(gw, name, digest, b, &answer).await;
             }
-            Ok(r) if r.status() == StatusCode::NOT_FOUND => Holding::Lacks,
-            Ok(r) => {
-                tracing::warn!(backend = gw.backend_id(b), status = %r.status(), "blob probe failed");
-                Holding::Unknown
-            }
-            Err(e) => {
-                tracing::warn!(backend = gw.backend_id(b), error = %e, "blob probe failed");
-                Holding::Unknown
-            }
-        };
-        gw.knowledge.learn(name, digest, b, holding).await;
+            break;
+        }
     }
+    answered
+}
+
+/// Learns what one probe answer says of backend `b`.
+async fn learn_probe(
+    gw: &Gateway,
+    name: &RepoName,
+    digest: &Digest,
+    b: BackendIdx,
+    answer: &Result<Response, crate::upstream::UpstreamError>,
+) -> Holding {
+    let holding = match answer {
+        Ok(r) if r.status().is_success() || r.status().is_redirection() => {
+            if r.status().is_success() {
+                if let Some(size) = content_length(r) {
+                    gw.knowledge.learn_size(digest, size);
+                }
+            }
+            Holding::Has
+        }
+        Ok(r) if r.status() == StatusCode::NOT_FOUND => Holding::Lacks,
+        Ok(r) => {
+            tracing::warn!(backend = gw.backend_id(b), status = %r.status(), "blob probe failed");
+            Holding::Unknown
+        }
+        Err(e) => {
+            tracing::warn!(backend = gw.backend_id(b), error = %e, "blob probe failed");
+            Holding::Unknown
+        }
+    };
+    gw.knowledge.learn(name, digest, b, holding).await;
+    holding
 }
 
 /// A HEAD of the blob on backend `b`, with the gateway's credentials.
