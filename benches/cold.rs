@@ -8,7 +8,8 @@
 //! once. The node runs its default configuration (access log on).
 //!
 //! Prints p50/p99 of each and the difference; asserts nothing about time.
-//! Run: `cargo bench --bench cold`. Knobs: COLD_LAYERS (100).
+//! Run: `cargo bench --bench cold`. Knobs: COLD_LAYERS (100), COLD_BACKENDS (2; 1 leaves
+//! the mirror out of the org).
 
 #![allow(dead_code)]
 
@@ -92,18 +93,22 @@ fn main() {
     let mirror = Registry::start(Shape::Anonymous, None);
     let image = images::multiarch(&dir.join("image"), "cold", "1.0", layers, 0);
     hub.push(&image, "acme/app", "1.0");
-    let node = start_node_logging(
-        dir,
-        "regatta",
-        "",
-        &format!(
+    // COLD_BACKENDS=1: the hub alone (one probe per blob instead of two).
+    let both = env_or("COLD_BACKENDS", 2) > 1;
+    let node =
+        start_node_logging(
+            dir,
+            "regatta",
+            "",
+            &format!(
             "[[backends]]\nid = \"hub\"\nurl = \"{}\"\nregion = \"eu\"\ndelivery = \"direct\"\n\
              [[backends]]\nid = \"mirror\"\nurl = \"{}\"\nregion = \"eu\"\ndelivery = \"direct\"\n\
-             [[orgs]]\nname = \"acme\"\nbackends = [\"hub\", \"mirror\"]\n",
+             [[orgs]]\nname = \"acme\"\nbackends = [{}]\n",
             hub.url(),
-            mirror.url()
+            mirror.url(),
+            if both { "\"hub\", \"mirror\"" } else { "\"hub\"" }
         ),
-    );
+        );
     let hub_port: u16 = hub.url().rsplit(':').next().unwrap().parse().unwrap();
     let mut blobs: Vec<String> = ["amd64", "arm64"]
         .iter()

@@ -9,7 +9,8 @@
 //! the perf profile in BENCHMARKS.md cover.
 //!
 //! Run: `cargo bench --bench cost` (valgrind from Debian for the instruction counts; without
-//! it only allocations are printed). Knobs: `COST_REQUESTS` (allocation sample, 10000).
+//! it only allocations are printed). Knobs: `COST_REQUESTS` (allocation sample, 10000),
+//! `COST_INSTRUCTIONS=0` (allocations only: the CI smoke runs it that way, in debug).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -176,11 +177,13 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
-    let valgrind = Command::new("valgrind")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !valgrind {
+    let wanted = !std::env::var("COST_INSTRUCTIONS").is_ok_and(|v| v == "0");
+    let valgrind = wanted
+        && Command::new("valgrind")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if wanted && !valgrind {
         eprintln!("valgrind is not installed (apt-get install valgrind): allocations only");
     }
     println!(

@@ -96,6 +96,8 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --no-fail-fast "$@" || status=$?
 fi
+# The per-request cost bench, as a smoke (debug build, allocations only): it must still run.
+COST_REQUESTS=200 COST_INSTRUCTIONS=0 cargo test --quiet --bench cost || status=$?
 # The conformance suite's summary per case; its reports stay under target/conformance/.
 if compgen -G "target/conformance/*/summary.txt" >/dev/null; then
   echo "OCI conformance (reports in target/conformance/):"

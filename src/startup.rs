@@ -67,11 +67,15 @@ impl Application {
         let upstream_settings = settings.upstream.clone();
         let auth = gateway.auth.clone();
         let api_gateway = gateway.clone();
+        let keep_warm_every = settings
+            .health
+            .interval
+            .clamp(std::time::Duration::from_secs(1), KEEP_WARM_AT_MOST);
         let server = HttpServer::new(move || {
-            registry_app(
-                api_gateway.clone(),
-                Upstream::new(&upstream_settings, auth.clone()),
-            )
+            // Runs on each worker: its own backend client, its connections kept warm.
+            let upstream = web::Data::new(Upstream::new(&upstream_settings, auth.clone()));
+            keep_connections_warm(api_gateway.clone(), upstream.clone(), keep_warm_every);
+            registry_app_sharing(api_gateway.clone(), upstream)
         });
         let mut server = match (&settings.server.tls_cert, &settings.server.tls_key) {
             (Some(cert), Some(key)) => {
@@ -217,6 +221,26 @@ fn record_limits(settings: &Settings) -> RecordLimits {
     }
 }
 
+/// Longest gap between two keep-warm calls of a worker to a backend (awc closes a pooled
+/// connection idle for 15 s).
+const KEEP_WARM_AT_MOST: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// On the current worker: connects to every backend now (and learns its challenge), then
+/// again every `every`, so that a cold request finds an open connection.
+fn keep_connections_warm(
+    gw: web::Data<Gateway>,
+    up: web::Data<Upstream>,
+    every: std::time::Duration,
+) {
+    actix_web::rt::spawn(async move {
+        loop {
+            let calls = gw.topology.backends.iter().map(|b| up.keep_warm(b));
+            futures_util::future::join_all(calls).await;
+            actix_web::rt::time::sleep(every).await;
+        }
+    });
+}
+
 /// The registry API as an actix `App` (one per worker): exposed so benchmarks can drive the
 /// whole service in process.
 pub fn registry_app(
@@ -231,9 +255,25 @@ pub fn registry_app(
         InitError = (),
     >,
 > {
+    registry_app_sharing(gateway, web::Data::new(upstream))
+}
+
+/// The same with a backend client the caller keeps too.
+fn registry_app_sharing(
+    gateway: web::Data<Gateway>,
+    upstream: web::Data<Upstream>,
+) -> App<
+    impl actix_web::dev::ServiceFactory<
+        actix_web::dev::ServiceRequest,
+        Config = (),
+        Response = actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
     App::new()
         .app_data(gateway)
-        .app_data(web::Data::new(upstream))
+        .app_data(upstream)
         .wrap(DefaultHeaders::new().add(API_VERSION))
         .route(
             "/healthz",

@@ -204,6 +204,30 @@ impl Upstream {
         self.send_once(backend, call, None).await
     }
 
+    /// Opens (or keeps open) this worker's pooled connection to `backend` with an anonymous
+    /// `GET /v2/`, and learns the backend's authentication challenge from a 401, so that the
+    /// first real call neither connects nor makes the extra round trip that discovers the
+    /// challenge. Fetches no token.
+    pub async fn keep_warm(&self, backend: &Backend) {
+        let call = Call::new(Method::GET, "/v2/".into(), None);
+        let Ok(response) = self.send_once(backend, &call, None).await else {
+            return;
+        };
+        if response.status() != StatusCode::UNAUTHORIZED || backend.credentials_are_static() {
+            return;
+        }
+        let challenge = response
+            .headers()
+            .get(header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_challenge);
+        if let Some(challenge) = challenge {
+            if self.auth.challenges.get(&backend.idx).as_ref() != Some(&challenge) {
+                self.auth.challenges.insert(backend.idx, challenge);
+            }
+        }
+    }
+
     /// A GET to a URL outside any backend's API that `backend` sent the gateway to (a
     /// pre-signed URL); no credentials.
     pub fn get_absolute(&self, backend: &Backend, url: &str) -> awc::ClientRequest {

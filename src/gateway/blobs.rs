@@ -180,11 +180,13 @@ enum Failure {
     Broken(String),
 }
 
-/// Asks `backends` whether they hold the blob, in parallel, with a HEAD each, and learns
-/// from the answers. The first positive answer ends the wait: answers that arrived with it
-/// are learned too (the plan's order then decides among those holders); probes still in
-/// flight are dropped and their backends stay unknown (a later plan may ask them again).
-/// Returns the backends that answered.
+/// Asks `backends` (in plan order, best first) whether they hold the blob, in parallel,
+/// with a HEAD each, and learns from the answers. The wait ends as soon as the best holder
+/// among them is certain: a positive answer from a backend whose better-ranked peers have
+/// all answered. So a fast answer from a worse backend never beats the node's own region,
+/// and a slow worse backend never delays the answer of a better one. Answers that arrived
+/// by then are learned too; probes still in flight are dropped and their backends stay
+/// unknown (a later plan may ask them again). Returns the backends that answered.
 async fn probe(
     gw: &Gateway,
     up: &Upstream,
@@ -194,16 +196,21 @@ async fn probe(
     backends: &[BackendIdx],
 ) -> Vec<BackendIdx> {
     let mut answered = Vec::with_capacity(backends.len());
+    let mut holdings: Vec<Option<Holding>> = vec![None; backends.len()];
     let mut answers: futures_util::stream::FuturesUnordered<_> = backends
         .iter()
-        .map(|&b| async move { (b, head_on(gw, up, org, b, name, digest).await) })
+        .enumerate()
+        .map(|(rank, &b)| async move { (rank, b, head_on(gw, up, org, b, name, digest).await) })
         .collect();
-    while let Some((b, answer)) = answers.next().await {
+    let best_holder_known =
+        |holdings: &[Option<Holding>]| holdings.iter().map_while(|h| *h).any(|h| h == Holding::Has);
+    while let Some((rank, b, answer)) = answers.next().await {
         answered.push(b);
-        if learn_probe(gw, name, digest, b, &answer).await == Holding::Has {
-            while let Some(Some((b, answer))) = answers.next().now_or_never() {
+        holdings[rank] = Some(learn_probe(gw, name, digest, b, &answer).await);
+        if best_holder_known(&holdings) {
+            while let Some(Some((rank, b, answer))) = answers.next().now_or_never() {
                 answered.push(b);
-                learn_probe(gw, name, digest, b, &answer).await;
+                holdings[rank] = Some(learn_probe(gw, name, digest, b, &answer).await);
             }
             break;
         }

@@ -141,3 +141,41 @@ async fn identical_cold_lookups_go_to_the_backends_once() {
         "one probe per backend"
     );
 }
+
+/// A worse-ranked backend that never answers its probe does not delay a blob that a better
+/// one holds: the wait ends when the best holder is certain, not when every probe is back.
+#[actix_web::test]
+async fn a_silent_lower_ranked_backend_does_not_delay_the_answer() {
+    let a = Registry::start(Shape::Anonymous, None);
+    let work = tempfile::tempdir().unwrap();
+    let image = images::multiarch(&work.path().join("image"), "silent", "1.0", 1, 1024);
+    a.push(&image, "acme/app", "1.0");
+    // Accepts connections (into the kernel's backlog) and never answers them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let app = spawn_app(
+        &Config::new()
+            .backend("a", &a, "direct")
+            // In another region: ranked after a whatever latencies the health checks measure.
+            .backend_at("silent", &silent_url, "direct", "us")
+            .org("acme", &["a", "silent"], "30s", &[]),
+    )
+    .await;
+    let layer = &image.platform("amd64").layers[0].digest;
+    let a_before = a.requests_naming(layer).len();
+    let started = std::time::Instant::now();
+    let answer = app.get(&format!("/v2/acme/app/blobs/{layer}")).await;
+    let took = started.elapsed();
+    assert_eq!(answer.status, 307);
+    assert_eq!(answer.backend(), "a");
+    // The silent backend's probe would only end at the 30 s request timeout.
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "the answer waited for the silent backend: {took:?}"
+    );
+    assert_eq!(
+        a.requests_naming(layer).len() - a_before,
+        1,
+        "a was probed once"
+    );
+}
