@@ -252,10 +252,10 @@ pub fn format_line(out: &mut Vec<u8>, format: AccessLogFormat, e: &Entry) {
         ("org", Value::Text(e.org.as_deref().unwrap_or("-"))),
         ("ns", Value::Text(e.ns.as_deref().unwrap_or("-"))),
         ("via", Value::Text(e.via)),
-        ("status", Value::Number(&status)),
+        ("status", Value::Number(status)),
         ("backend", Value::Text(backend.unwrap_or("-"))),
         ("decision", Value::Text(e.decision)),
-        ("micros", Value::Number(&micros)),
+        ("micros", Value::Number(micros)),
         ("request_id", Value::Text(id)),
     ];
     match format {

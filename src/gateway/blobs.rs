@@ -165,8 +165,7 @@ fn remember_redirect(
     gw.knowledge.keep_redirect(
         &key,
         epoch,
-        location.clone(),
-        id.clone(),
+        (location.clone(), id.clone()),
         name.org().into(),
         counters,
         good_for,

@@ -531,13 +531,15 @@ impl Knowledge {
     }
 
     /// Remembers the redirect decided for `path` under `epoch` (read before deciding), for
-    /// at most `good_for`.
+    /// at most `good_for`: its `Location` and `X-Regatta-Backend` values, and the org.
     pub fn keep_redirect(
         &self,
         path: &str,
         epoch: u64,
-        location: actix_web::http::header::HeaderValue,
-        backend: actix_web::http::header::HeaderValue,
+        (location, backend): (
+            actix_web::http::header::HeaderValue,
+            actix_web::http::header::HeaderValue,
+        ),
         org: Arc<str>,
         counters: (prometheus::IntCounter, prometheus::IntCounter),
         good_for: Duration,
