@@ -59,13 +59,13 @@ impl StandIns {
     }
 }
 
-/// The request lines of a node's JSON log.
+/// The access log lines in a node's log (JSON, on stderr by default).
 fn request_lines(log: &Path) -> Vec<Value> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["message"] == "request")
+        .filter(|v| v["kind"] == "access")
         .collect()
 }
 
