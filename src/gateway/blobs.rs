@@ -376,11 +376,14 @@ async fn deliver(
             if let Some(url) = gw.knowledge.resolved(b, digest) {
                 return Ok(redirect(&url, backend));
             }
-            fetch_blob(gw, up, req, backend, &repo, digest, learn).await
+            let how = Fetch::PassRedirect { learn };
+            fetch_blob(gw, up, req, backend, &repo, digest, how).await
         }
-        Delivery::Proxy | Delivery::Auto => {
-            fetch_blob(gw, up, req, backend, &repo, digest, learn).await
+        Delivery::Auto => {
+            let how = Fetch::PassRedirect { learn };
+            fetch_blob(gw, up, req, backend, &repo, digest, how).await
         }
+        Delivery::Proxy => fetch_blob(gw, up, req, backend, &repo, digest, Fetch::Stream).await,
     }
 }
 
@@ -406,8 +409,20 @@ async fn detect(gw: &Gateway, up: &Upstream, backend: &Backend) -> Result<Detect
     Ok(detected)
 }
 
+/// What [`fetch_blob`] does with a backend that answers the blob GET with a redirect.
+#[derive(Clone, Copy)]
+enum Fetch {
+    /// Send the client there (a pre-signed URL: `resolve`, or `auto` learning that it is
+    /// `resolve` when `learn`).
+    PassRedirect { learn: bool },
+    /// `proxy`: every byte goes through the gateway, so the gateway follows the redirect
+    /// itself (without its credentials, as a client would) and streams what it finds.
+    Stream,
+}
+
 /// GETs the blob with the gateway's credentials, without following a redirect: a redirect
-/// is a pre-signed URL to send the client to; a 200 is streamed through.
+/// is a pre-signed URL to send the client to (or, for `proxy`, to fetch and stream); a 200
+/// is streamed through.
 async fn fetch_blob(
     gw: &Gateway,
     up: &Upstream,
@@ -415,8 +430,9 @@ async fn fetch_blob(
     backend: &Backend,
     repo: &str,
     digest: &Digest,
-    auto: bool,
+    how: Fetch,
 ) -> Result<HttpResponse, Failure> {
+    let auto = matches!(how, Fetch::PassRedirect { learn: true });
     let mut call = Call::new(
         Method::GET,
         format!("/v2/{repo}/blobs/{digest}"),
@@ -426,11 +442,28 @@ async fn fetch_blob(
     if let Some(range) = req.headers().get(header::RANGE) {
         call = call.header(header::RANGE, range.clone());
     }
-    let response = gw
+    let mut response = gw
         .send(up, backend, &call)
         .await
         .map_err(|e| Failure::Broken(e.to_string()))?;
-    let status = response.status();
+    let mut status = response.status();
+    if status.is_redirection() && matches!(how, Fetch::Stream) {
+        let url = location(backend, &response)?;
+        let mut get = up.get_absolute(backend, &url);
+        if let Some(range) = req.headers().get(header::RANGE) {
+            get = get.insert_header((header::RANGE, range.clone()));
+        }
+        response = get
+            .send()
+            .await
+            .map_err(|e| Failure::Broken(format!("blob redirect target: {e}")))?;
+        status = response.status();
+        if status != StatusCode::OK && status != StatusCode::PARTIAL_CONTENT {
+            return Err(Failure::Broken(format!(
+                "blob redirect target answered {status}"
+            )));
+        }
+    }
     if status.is_redirection() {
         let url: Arc<str> = location(backend, &response)?.into();
         if let Some(good_for) = presigned_lifetime(&url, gw.cache.resolve_ttl, SystemTime::now()) {
@@ -454,7 +487,6 @@ async fn fetch_blob(
     // Commit to this backend only once its bytes flow: one that sends headers and then
     // stalls is passed over for the next holder.
     let idle = up.read_timeout();
-    let mut response = response;
     let first = match tokio::time::timeout(idle, response.next()).await {
         Ok(Some(Ok(chunk))) => Some(chunk),
         Ok(None) => None,

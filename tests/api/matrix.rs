@@ -133,9 +133,10 @@ async fn go_clients_on(shape: Shape) {
     let out = work.path().join("https");
     go_clients_agree(&tls_host, https, &image, &out, "HTTPS", downgrade);
 
-    if shape == Shape::Anonymous {
-        // The remedy README gives: stream that backend's blobs to TLS clients. (A backend
-        // that itself redirects, the CDN shape, passes its redirect on even in proxy mode.)
+    if downgrade {
+        // The remedy README gives: stream that backend's blobs to TLS clients. A backend
+        // that itself redirects (the CDN shape) is followed by the gateway, so regctl, which
+        // refuses an https -> http redirect, gets every blob over the node's TLS too.
         let proxied =
             Config::new()
                 .backend("hub", &registry, "proxy")
@@ -144,7 +145,14 @@ async fn go_clients_on(shape: Shape) {
         let host = format!("127.0.0.1:{}", node.port);
         let out = work.path().join("https-proxy");
         let https = Transport::Https { ca: &ca };
+        let cdn_before = registry.cdn_log().lines().count();
         go_clients_agree(&host, https, &image, &out, "HTTPS, proxy", false);
+        if shape == Shape::TokenWithCdn {
+            assert!(
+                registry.cdn_log().lines().count() > cdn_before,
+                "the gateway fetched the proxied blobs from the CDN"
+            );
+        }
     }
 
     // The HTTPS clients verified the certificate: with another CA they refuse the node.
