@@ -363,8 +363,9 @@ async fn deliver(
     // A private org's blob never goes to a URL anyone could fetch without the gateway:
     // it is streamed instead (and what that shows is not learnt as the backend's mode).
     let learn = backend.delivery == Delivery::Auto;
+    let public = org.policy.access.is_public();
     let (delivery, learn) = match delivery {
-        Delivery::Direct if !org.policy.access.is_public() => (Delivery::Proxy, false),
+        Delivery::Direct if !public => (Delivery::Proxy, false),
         d => (d, learn),
     };
     match delivery {
@@ -374,13 +375,21 @@ async fn deliver(
         )),
         Delivery::Resolve => {
             if let Some(url) = gw.knowledge.resolved(b, digest) {
-                return Ok(redirect(&url, backend));
+                if public || carries_signature(&url) {
+                    return Ok(redirect(&url, backend));
+                }
             }
-            let how = Fetch::PassRedirect { learn };
+            let how = Fetch::PassRedirect {
+                learn,
+                signed_only: !public,
+            };
             fetch_blob(gw, up, req, backend, &repo, digest, how).await
         }
         Delivery::Auto => {
-            let how = Fetch::PassRedirect { learn };
+            let how = Fetch::PassRedirect {
+                learn,
+                signed_only: !public,
+            };
             fetch_blob(gw, up, req, backend, &repo, digest, how).await
         }
         Delivery::Proxy => fetch_blob(gw, up, req, backend, &repo, digest, Fetch::Stream).await,
@@ -413,8 +422,10 @@ async fn detect(gw: &Gateway, up: &Upstream, backend: &Backend) -> Result<Detect
 #[derive(Clone, Copy)]
 enum Fetch {
     /// Send the client there (a pre-signed URL: `resolve`, or `auto` learning that it is
-    /// `resolve` when `learn`).
-    PassRedirect { learn: bool },
+    /// `resolve` when `learn`). With `signed_only` (a private org), only a URL that carries
+    /// a signature is passed on; any other is followed and streamed, since anyone could
+    /// fetch it without the gateway.
+    PassRedirect { learn: bool, signed_only: bool },
     /// `proxy`: every byte goes through the gateway, so the gateway follows the redirect
     /// itself (without its credentials, as a client would) and streams what it finds.
     Stream,
@@ -432,7 +443,7 @@ async fn fetch_blob(
     digest: &Digest,
     how: Fetch,
 ) -> Result<HttpResponse, Failure> {
-    let auto = matches!(how, Fetch::PassRedirect { learn: true });
+    let auto = matches!(how, Fetch::PassRedirect { learn: true, .. });
     let mut call = Call::new(
         Method::GET,
         format!("/v2/{repo}/blobs/{digest}"),
@@ -447,8 +458,28 @@ async fn fetch_blob(
         .await
         .map_err(|e| Failure::Broken(e.to_string()))?;
     let mut status = response.status();
-    if status.is_redirection() && matches!(how, Fetch::Stream) {
+    if status.is_redirection() {
         let url = location(backend, &response)?;
+        let follow = match how {
+            Fetch::Stream => true,
+            Fetch::PassRedirect { signed_only, .. } => signed_only && !carries_signature(&url),
+        };
+        if !follow {
+            let url: Arc<str> = url.into();
+            if let Some(good_for) =
+                presigned_lifetime(&url, gw.cache.resolve_ttl, SystemTime::now())
+            {
+                gw.knowledge
+                    .learn_resolved(backend.idx, digest, url.clone(), good_for);
+            }
+            if auto {
+                gw.knowledge.learn_detected(backend.idx, Detected::Resolve);
+            }
+            return Ok(redirect(&url, backend));
+        }
+        if auto {
+            gw.knowledge.learn_detected(backend.idx, Detected::Resolve);
+        }
         let mut get = up.get_absolute(backend, &url);
         if let Some(range) = req.headers().get(header::RANGE) {
             get = get.insert_header((header::RANGE, range.clone()));
@@ -463,26 +494,16 @@ async fn fetch_blob(
                 "blob redirect target answered {status}"
             )));
         }
-    }
-    if status.is_redirection() {
-        let url: Arc<str> = location(backend, &response)?.into();
-        if let Some(good_for) = presigned_lifetime(&url, gw.cache.resolve_ttl, SystemTime::now()) {
-            gw.knowledge
-                .learn_resolved(backend.idx, digest, url.clone(), good_for);
+    } else {
+        if status == StatusCode::NOT_FOUND {
+            return Err(Failure::Missing);
+        }
+        if status != StatusCode::OK && status != StatusCode::PARTIAL_CONTENT {
+            return Err(Failure::Broken(format!("blob GET answered {status}")));
         }
         if auto {
-            gw.knowledge.learn_detected(backend.idx, Detected::Resolve);
+            gw.knowledge.learn_detected(backend.idx, Detected::Proxy);
         }
-        return Ok(redirect(&url, backend));
-    }
-    if status == StatusCode::NOT_FOUND {
-        return Err(Failure::Missing);
-    }
-    if status != StatusCode::OK && status != StatusCode::PARTIAL_CONTENT {
-        return Err(Failure::Broken(format!("blob GET answered {status}")));
-    }
-    if auto {
-        gw.knowledge.learn_detected(backend.idx, Detected::Proxy);
     }
     // Commit to this backend only once its bytes flow: one that sends headers and then
     // stalls is passed over for the next holder.
@@ -574,6 +595,29 @@ fn location(backend: &Backend, response: &Response) -> Result<String, Failure> {
     crate::upstream::redirect_target(&backend.base, raw).map_err(Failure::Broken)
 }
 
+/// Whether `url` carries a signature that makes it good only for whoever it was made for:
+/// S3 and ECR (`X-Amz-Signature`), CloudFront as used by Quay (`Signature`), Google Cloud
+/// Storage (`X-Goog-Signature`), Azure SAS as used by GHCR (`sig`), Docker Hub's Cloudflare
+/// (`verify`), Akamai tokens (`hdnts`, `__token__`). A private org's clients are sent only
+/// to such URLs.
+pub fn carries_signature(url: &str) -> bool {
+    const SIGNATURES: [&str; 7] = [
+        "x-amz-signature",
+        "signature",
+        "x-goog-signature",
+        "sig",
+        "verify",
+        "hdnts",
+        "__token__",
+    ];
+    let Ok(parsed) = url::Url::parse(url) else {
+        return false;
+    };
+    parsed
+        .query_pairs()
+        .any(|(k, v)| !v.is_empty() && SIGNATURES.iter().any(|s| k.eq_ignore_ascii_case(s)))
+}
+
 /// How long a pre-signed URL may be handed out: `cap`, or less when the URL says it
 /// expires sooner (S3 `X-Amz-Date` + `X-Amz-Expires`, CloudFront/GCS `Expires`). Half of
 /// the remaining lifetime is kept in reserve for the client's own fetch. `None`: don't cache.
@@ -630,6 +674,28 @@ fn days_from_civil(y: i64, m: u64, d: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_signed_urls_count_as_signed() {
+        for signed in [
+            "https://prod.s3.amazonaws.com/x/data?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Date=20231114T221320Z&X-Amz-Expires=1200&X-Amz-Signature=ab12",
+            "https://cdn.quay.io/sha256/ab/x?Expires=1700000000&Signature=Zm9v&Key-Pair-Id=K1",
+            "https://storage.googleapis.com/b/x?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Signature=ab12",
+            "https://pkg-containers.githubusercontent.com/ghcr1/blobs/sha256:ab?se=2026-12-03T15%3A00%3A00Z&sig=Zm9v&sv=2019-12-12",
+            "https://production.cloudflare.docker.com/registry-v2/docker/registry/v2/blobs/sha256/ab/x/data?verify=1700000000-Zm9v",
+        ] {
+            assert!(carries_signature(signed), "{signed}");
+        }
+        for unsigned in [
+            "http://127.0.0.1:5001/docker/registry/v2/blobs/sha256/ab/x/data",
+            "https://cdn.example.org/x?Expires=1700000000",
+            "https://cdn.example.org/x?sig=",
+            "https://cdn.example.org/x?signature_hint=1",
+            "not a url?sig=1",
+        ] {
+            assert!(!carries_signature(unsigned), "{unsigned}");
+        }
+    }
 
     #[test]
     fn presigned_lifetimes() {
