@@ -302,6 +302,30 @@ impl ClusterState {
     }
 }
 
+/// The configured orgs whose policy in the store is not the file's: policies are seeded
+/// into an empty store only, so an edit to the file of a running cluster (say, making an
+/// org private) does nothing until it is made through the admin API. Each is named with
+/// how it differs.
+pub fn policy_drift<'a>(
+    seeds: &'a [(String, OrgPolicy)],
+    stored: &HashMap<String, OrgPolicy>,
+) -> Vec<(&'a str, &'static str)> {
+    seeds
+        .iter()
+        .filter_map(|(org, policy)| match stored.get(org) {
+            None => Some((
+                org.as_str(),
+                "deleted in the cluster, still in this node's configuration",
+            )),
+            Some(current) if current != policy => Some((
+                org.as_str(),
+                "the cluster's policy differs from this node's configuration",
+            )),
+            Some(_) => None,
+        })
+        .collect()
+}
+
 /// Keeps the snapshot current: reload on every change event and every `interval`; on
 /// failure keep the last snapshot and retry with backoff.
 pub async fn run_refresher(
@@ -318,7 +342,19 @@ pub async fn run_refresher(
     loop {
         if !seeded {
             match store.seed_policies(&seeds).await {
-                Ok(()) => seeded = true,
+                Ok(()) => {
+                    seeded = true;
+                    if let Ok(stored) = store.policies().await {
+                        for (org, how) in policy_drift(&seeds, &stored) {
+                            tracing::warn!(
+                                org = %org,
+                                "org {org}: {how}; the cluster's policy applies (the file \
+                                 seeds an empty store only): change it with \
+                                 `regatta admin put-org`"
+                            );
+                        }
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "cannot seed org policies yet"),
             }
         }
@@ -390,6 +426,37 @@ mod tests {
             reason: String::new(),
             node: "n".into(),
         }
+    }
+
+    #[tokio::test]
+    async fn a_configuration_the_cluster_no_longer_follows_is_named() {
+        let settings = settings();
+        let seeds = config_policies(&settings);
+        let store = MemoryStore::new();
+        store.seed_policies(&seeds).await.unwrap();
+        let stored = store.policies().await.unwrap();
+        assert!(policy_drift(&seeds, &stored).is_empty(), "just seeded");
+
+        let (org, mut policy) = seeds[0].clone();
+        policy.tag_authorities = Some(vec!["a".into()]);
+        store.put_policy(&org, &policy).await.unwrap();
+        let stored = store.policies().await.unwrap();
+        assert_eq!(
+            policy_drift(&seeds, &stored),
+            [(
+                org.as_str(),
+                "the cluster's policy differs from this node's configuration"
+            )]
+        );
+        store.delete_policy(&org).await.unwrap();
+        let stored = store.policies().await.unwrap();
+        assert_eq!(
+            policy_drift(&seeds, &stored),
+            [(
+                org.as_str(),
+                "deleted in the cluster, still in this node's configuration"
+            )]
+        );
     }
 
     #[tokio::test]
