@@ -334,6 +334,11 @@ pub struct LimitSettings {
     pub cold_burst: u32,
     /// Networks never limited (CIDR), e.g. a CI farm behind one NAT address.
     pub trusted: Vec<ipnet::IpNet>,
+    /// Credentials that fail to verify at `/token`, per client address and minute, once
+    /// `login_failure_burst` are spent; past it, logins answer 429 (public content is still
+    /// served anonymously). 0 turns the limit off.
+    pub login_failures_per_minute: u32,
+    pub login_failure_burst: u32,
 }
 
 impl Default for LimitSettings {
@@ -342,6 +347,8 @@ impl Default for LimitSettings {
             cold_per_second: 50,
             cold_burst: 500,
             trusted: Vec::new(),
+            login_failures_per_minute: 30,
+            login_failure_burst: 10,
         }
     }
 }

@@ -31,9 +31,27 @@ pub struct ColdLimiter {
 
 impl ColdLimiter {
     pub fn new(settings: &LimitSettings) -> ColdLimiter {
+        ColdLimiter::with_rate(
+            f64::from(settings.cold_per_second),
+            settings.cold_burst,
+            settings,
+        )
+    }
+
+    /// Failed logins at the token endpoint: `login_failures_per_minute`, `login_failure_burst`
+    /// at once (a password guesser is slowed to that rate per address).
+    pub fn login_failures(settings: &LimitSettings) -> ColdLimiter {
+        ColdLimiter::with_rate(
+            f64::from(settings.login_failures_per_minute) / 60.0,
+            settings.login_failure_burst,
+            settings,
+        )
+    }
+
+    fn with_rate(per_second: f64, burst: u32, settings: &LimitSettings) -> ColdLimiter {
         ColdLimiter {
-            per_second: f64::from(settings.cold_per_second),
-            burst: f64::from(settings.cold_burst.max(1)),
+            per_second,
+            burst: f64::from(burst.max(1)),
             trusted: settings.trusted.clone(),
             buckets: Cache::builder()
                 .max_capacity(CLIENTS)
@@ -42,10 +60,19 @@ impl ColdLimiter {
         }
     }
 
+    /// Whether `client` has any allowance left, without spending it: `Err(wait)` when not.
+    pub fn check(&self, client: Option<IpAddr>, now: Instant) -> Result<(), Duration> {
+        self.take(client, now, 0.0)
+    }
+
     /// Takes one cold lookup from `client`'s allowance: `Err(wait)` when it has none left,
     /// with how long until it has one again. Unknown clients (no address) and trusted
     /// networks are not limited; a rate of 0 turns limiting off.
     pub fn spend(&self, client: Option<IpAddr>, now: Instant) -> Result<(), Duration> {
+        self.take(client, now, 1.0)
+    }
+
+    fn take(&self, client: Option<IpAddr>, now: Instant, cost: f64) -> Result<(), Duration> {
         let Some(ip) = client else { return Ok(()) };
         if self.per_second <= 0.0 || self.trusted.iter().any(|net| net.contains(&ip)) {
             return Ok(());
@@ -62,7 +89,7 @@ impl ColdLimiter {
         b.tokens = (b.tokens + elapsed * self.per_second).min(self.burst);
         b.at = now;
         if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+            b.tokens -= cost;
             Ok(())
         } else {
             Err(Duration::from_secs_f64((1.0 - b.tokens) / self.per_second))
@@ -79,7 +106,26 @@ mod tests {
             cold_per_second: per_second,
             cold_burst: burst,
             trusted: trusted.iter().map(|t| t.parse().unwrap()).collect(),
+            ..LimitSettings::default()
         })
+    }
+
+    #[test]
+    fn failed_logins_are_counted_and_checking_costs_nothing() {
+        let l = ColdLimiter::login_failures(&LimitSettings {
+            login_failures_per_minute: 6,
+            login_failure_burst: 2,
+            ..LimitSettings::default()
+        });
+        let ip = Some("192.0.2.9".parse().unwrap());
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            assert!(l.check(ip, t0).is_ok(), "checking spends nothing");
+        }
+        assert!(l.spend(ip, t0).is_ok());
+        assert!(l.spend(ip, t0).is_ok());
+        assert_eq!(l.check(ip, t0), Err(Duration::from_secs(10)));
+        assert!(l.check(ip, t0 + Duration::from_secs(10)).is_ok());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! (containerd asks it first). Both answer the subset of the asked scope the caller may
 //! have: an anonymous caller gets the public part, never an error. No refresh tokens.
 
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError as _};
@@ -40,7 +40,7 @@ pub async fn token_get(req: HttpRequest, gw: web::Data<Gateway>) -> HttpResponse
                     _ => {}
                 }
             }
-            issue(&gw, request).await
+            issue(&gw, request, client(&req)).await
         }
         Err(e) => Err(e),
     };
@@ -53,7 +53,7 @@ pub async fn token_post(
     body: web::Bytes,
 ) -> HttpResponse {
     let result = match post_request(&req, &body) {
-        Ok(request) => issue(&gw, request).await,
+        Ok(request) => issue(&gw, request, client(&req)).await,
         Err(e) => Err(e),
     };
     answer(&gw, &req, result)
@@ -154,7 +154,15 @@ fn basic_credentials(req: &HttpRequest) -> Result<Option<(String, String)>, ApiE
     Ok(Some((user.to_owned(), password.to_owned())))
 }
 
-async fn issue(gw: &Gateway, request: TokenRequest) -> Result<HttpResponse, ApiError> {
+fn client(req: &HttpRequest) -> Option<std::net::IpAddr> {
+    req.peer_addr().map(|a| a.ip())
+}
+
+async fn issue(
+    gw: &Gateway,
+    request: TokenRequest,
+    client: Option<std::net::IpAddr>,
+) -> Result<HttpResponse, ApiError> {
     let tokens: &TokenService = &gw.tokens;
     if let Some(service) = &request.service {
         if *service != tokens.service {
@@ -179,9 +187,19 @@ async fn issue(gw: &Gateway, request: TokenRequest) -> Result<HttpResponse, ApiE
                     ));
                 }
             }
-            match tokens.authenticate(&snapshot, user, password, now).await {
+            // A client past its allowance of failed logins is not verified at all (no
+            // password is checked for it) until the allowance returns.
+            let blocked = gw.login_limiter.check(client, Instant::now()).err();
+            let verified = match blocked {
+                None => tokens.authenticate(&snapshot, user, password, now).await,
+                Some(_) => None,
+            };
+            match verified {
                 Some(p) => p,
                 None => {
+                    if blocked.is_none() {
+                        let _ = gw.login_limiter.spend(client, Instant::now());
+                    }
                     // Credentials that do not verify: anonymous for public content (mirror
                     // clients send whatever they have), refused for a login or anything
                     // private.
@@ -193,6 +211,10 @@ async fn issue(gw: &Gateway, request: TokenRequest) -> Result<HttpResponse, ApiE
                         Requested::Other(_) => false,
                     });
                     if requested.is_empty() || private {
+                        if let Some(wait) = blocked {
+                            tracing::info!(user = %user, "token refused: too many failed logins");
+                            return Err(ApiError::TooManyRequests(wait));
+                        }
                         tracing::info!(user = %user, "token refused: credentials do not verify");
                         return Err(ApiError::Unauthorized {
                             message: "incorrect username or password".into(),

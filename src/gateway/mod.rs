@@ -61,6 +61,8 @@ pub struct Gateway {
     flights: crate::flights::Flights,
     /// Per-client allowance of cold lookups.
     limiter: crate::limits::ColdLimiter,
+    /// Failed logins per client at the token endpoint.
+    pub login_limiter: crate::limits::ColdLimiter,
 }
 
 impl Gateway {
@@ -114,6 +116,7 @@ impl Gateway {
                 settings.server.drain_file.clone(),
             ),
             limiter: crate::limits::ColdLimiter::new(&settings.limits),
+            login_limiter: crate::limits::ColdLimiter::login_failures(&settings.limits),
             access_log,
         }
     }

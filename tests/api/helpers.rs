@@ -342,6 +342,14 @@ impl Config {
         self
     }
 
+    /// Failed logins allowed per client at the token endpoint (instead of [`Config::limits`]).
+    pub fn login_limit(mut self, per_minute: u32, burst: u32) -> Config {
+        self.sections.push_str(&format!(
+            "[limits]\nlogin_failures_per_minute = {per_minute}\nlogin_failure_burst = {burst}\n"
+        ));
+        self
+    }
+
     /// TOML lines added to the backend configured last (credentials, `tls_ca`, ...).
     pub fn backend_keys(mut self, lines: &str) -> Config {
         let last_table = self

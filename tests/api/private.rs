@@ -771,3 +771,59 @@ async fn a_rotated_signing_key_still_accepts_the_old_keys_tokens() {
     assert_unauthorized(&refused, "the new key's token on a node without it");
     assert!(String::from_utf8_lossy(&refused.body).contains("key this registry does not know"));
 }
+
+/// A password guesser is slowed: past the allowed failed logins, `/token` answers 429 with
+/// `Retry-After` for a login or a private scope, even to the right password (which is not
+/// checked meanwhile); public content is still served anonymously to the same client.
+#[actix_web::test]
+async fn failed_logins_past_the_allowance_are_refused_with_429() {
+    let files = AuthFiles::new();
+    let app = spawn_app(
+        &Config::new()
+            .auth(&files.key, &files.users)
+            .login_limit(1, 3)
+            .backend_at("hub", "http://127.0.0.1:9", "proxy", "eu")
+            .private_org("acme", &["hub"], &[("alice", &["*"])])
+            .org("pub", &["hub"], "30s", &[]),
+    )
+    .await;
+    let private = "repository:acme/app:pull";
+    let public = "repository:pub/app:pull";
+    // The right password works, and does not count.
+    for _ in 0..5 {
+        token(&app, Some(ALICE), &[private]).await;
+    }
+    for guess in 0..3 {
+        let answer =
+            token_answer(&app, Some(("alice", &format!("guess-{guess}"))), &[private]).await;
+        assert_eq!(answer.status, 401, "guess {guess}");
+        assert_eq!(answer.error_code(), "UNAUTHORIZED", "guess {guess}");
+    }
+    for (what, creds) in [
+        ("a fourth guess", ("alice", "guess-3")),
+        ("the right password", ALICE),
+    ] {
+        let answer = token_answer(&app, Some(creds), &[private]).await;
+        assert_eq!(
+            answer.status,
+            429,
+            "{what}: {}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        assert_eq!(answer.error_code(), "TOOMANYREQUESTS", "{what}");
+        let wait: u64 = answer.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=60).contains(&wait), "{what}: Retry-After {wait}");
+    }
+    // Public content: served as anonymous to the same client, wrong credentials or not.
+    let answer = token_answer(&app, Some(("alice", "guess-4")), &[public]).await;
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(
+        claims(answer.json()["token"].as_str().unwrap())["access"][0]["name"],
+        "pub/app"
+    );
+}
