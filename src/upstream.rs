@@ -335,13 +335,14 @@ impl Upstream {
                 }
                 // Many requests needing the same new token fetch it once.
                 let flight = format!("token {} {scope}", backend.idx);
-                let _lead = match self.auth.flights.join(flight).await {
-                    Some(lead) => Some(lead),
-                    None => match cached() {
-                        Some(token) => return Ok(bearer(&token)),
-                        None => None,
-                    },
-                };
+                // Leader or not, look again once in (a fetch may have ended between the
+                // look above and the join), unless the cached token is the rejected one.
+                let lead = self.auth.flights.join(flight).await;
+                if !refresh || lead.is_none() {
+                    if let Some(token) = cached() {
+                        return Ok(bearer(&token));
+                    }
+                }
                 let (token, lifetime) = tracing::Instrument::instrument(
                     self.fetch_token(backend, &realm, service.as_deref(), scope),
                     tracing::info_span!("token_fetch", backend = &*backend.id, scope),
@@ -815,8 +816,12 @@ mod tests {
                 "[a-z][a-z0-9-]{0,8}(\\.[a-z]{2,4}){0,2}",
             ];
             let port = prop_oneof![Just(String::new()), (1u16..).prop_map(|p| format!(":{p}"))];
+            // Only what configuration accepts: a label such as `xn--` is no host (IDNA).
             (prop_oneof![Just("http"), Just("https")], host, port)
                 .prop_map(|(scheme, host, port)| format!("{scheme}://{host}{port}"))
+                .prop_filter("a URL configuration accepts", |base| {
+                    url::Url::parse(base).is_ok()
+                })
         }
 
         fn repo() -> impl Strategy<Value = RepoName> {

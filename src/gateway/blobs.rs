@@ -37,13 +37,16 @@ pub(super) async fn serve(
     let mut plan = s.digest_plan(name, digest).await;
     let mut probed: Vec<BackendIdx> = Vec::new();
     if !plan.probe_first.is_empty() {
-        // The same blob asked at once by many clients is probed once; a request that
-        // waited for another's probe finds what it learned in the new plan.
-        if let Some(_lead) = gw.flights.join(format!("probe {name}@{digest}")).await {
+        // The same blob asked at once by many clients is probed once. Whether this request
+        // waited for another's probe or just missed one that ended after its plan was made,
+        // what was learned is in the new plan; it probes only what is still unknown.
+        let lead = gw.flights.join(format!("probe {name}@{digest}")).await;
+        plan = s.digest_plan(name, digest).await;
+        if lead.is_some() && !plan.probe_first.is_empty() {
             s.spend_cold()?;
             probed = probe(gw, up, org, name, digest, &plan.probe_first).await;
+            plan = s.digest_plan(name, digest).await;
         }
-        plan = s.digest_plan(name, digest).await;
     }
     let mut tried: Vec<BackendIdx> = Vec::new();
     loop {

@@ -192,20 +192,17 @@ async fn resolve_tag(
         }
     }
     // The same tag asked at once by many clients goes to the authority once.
-    let _lead = match gw.flights.join(format!("tag {name}:{tag}")).await {
-        Some(lead) => Some(lead),
-        None => {
-            let (again, fresh) = fresh_record().await;
-            if let (true, Some(record)) = (fresh, &again) {
-                return Ok(Resolved {
-                    record: record.clone(),
-                    stale: false,
-                });
-            }
-            known = again;
-            None
-        }
-    };
+    // Leader or not, look again once in: a resolution that ended between the look above
+    // and the join left its record.
+    let _lead = gw.flights.join(format!("tag {name}:{tag}")).await;
+    let (again, fresh) = fresh_record().await;
+    if let (true, Some(record)) = (fresh, &again) {
+        return Ok(Resolved {
+            record: record.clone(),
+            stale: false,
+        });
+    }
+    known = again;
     s.spend_cold()?;
     let authorities = s.tag_plan();
     for &b in &authorities {
@@ -389,16 +386,13 @@ pub(super) async fn by_digest(
         return Ok(hit);
     }
     // The same manifest asked at once by many clients is fetched once.
-    let _lead = match gw.flights.join(format!("manifest {name}@{digest}")).await {
-        Some(lead) => Some(lead),
-        None => {
-            plan = s.digest_plan(name, digest).await;
-            if let Some(hit) = cached_manifest(gw, &plan, digest) {
-                return Ok(hit);
-            }
-            None
-        }
-    };
+    // Leader or not, look again once in: a fetch that ended between the look above and
+    // the join left the manifest in the cache.
+    let _lead = gw.flights.join(format!("manifest {name}@{digest}")).await;
+    plan = s.digest_plan(name, digest).await;
+    if let Some(hit) = cached_manifest(gw, &plan, digest) {
+        return Ok(hit);
+    }
     s.spend_cold()?;
     let mut failures = 0u32;
     for b in plan.attempts() {

@@ -59,7 +59,10 @@ async fn unknown_holders_are_probed_and_remembered() {
     let app = spawn_app(
         &Config::new()
             .backend("a", &a, "direct")
-            .backend("b", &b, "direct")
+            // In another region: ranked after a whatever latencies the health checks
+            // measure, so a's answer is always awaited (a probe still out when the best
+            // holder is certain is dropped, and could not be counted).
+            .backend_in("b", &b, "direct", "us")
             .org("acme", &["a", "b"], "30s", &[]),
     )
     .await;
@@ -98,7 +101,8 @@ async fn identical_cold_lookups_go_to_the_backends_once() {
     let app = spawn_app(
         &Config::new()
             .backend("a", &a, "direct")
-            .backend("b", &b, "direct")
+            // In another region: a is always the best-ranked (see below).
+            .backend_in("b", &b, "direct", "us")
             .org("acme", &["a", "b"], "30s", &[]),
     )
     .await;
@@ -123,7 +127,9 @@ async fn identical_cold_lookups_go_to_the_backends_once() {
     assert!(at_once(path).await.iter().all(|s| *s == 200));
     assert_eq!(requests(manifest) - before, 1, "one manifest fetch");
 
-    // A blob nothing is known about (no manifest naming it was served): both are probed.
+    // A blob nothing is known about (no manifest naming it was served): both are probed
+    // at once, and the answer is certain when a, the best-ranked, says it holds it; b's
+    // probe may be dropped before it is sent. Never more than one probe per backend.
     let layer = &image.platform("amd64").layers[0].digest;
     let before = (
         a.requests_naming(layer).len(),
@@ -135,10 +141,10 @@ async fn identical_cold_lookups_go_to_the_backends_once() {
         a.requests_naming(layer).len(),
         b.requests_naming(layer).len(),
     );
-    assert_eq!(
-        (after.0 - before.0, after.1 - before.1),
-        (1, 1),
-        "one probe per backend"
+    let probes = (after.0 - before.0, after.1 - before.1);
+    assert!(
+        probes.0 == 1 && probes.1 <= 1,
+        "one probe of a and at most one of b, not {probes:?}"
     );
 }
 
