@@ -234,47 +234,61 @@ fn flush(sink: &mut Box<dyn Write + Send>, buf: &mut Vec<u8>) {
 /// Appends one line for `e` to `out`.
 pub fn format_line(out: &mut Vec<u8>, format: AccessLogFormat, e: &Entry) {
     let backend = e.backend.as_ref().and_then(|v| v.to_str().ok());
-    let mut id = Vec::with_capacity(40);
-    e.request_id.write_to(&mut id);
-    let id = std::str::from_utf8(&id).unwrap_or("-");
-    let mut time = Vec::with_capacity(24);
-    rfc3339_millis(&mut time, e.at);
-    let time = std::str::from_utf8(&time).unwrap_or("-");
     let (mut status, mut micros) = ([0u8; 20], [0u8; 20]);
     let status = decimal(&mut status, u64::from(e.status));
     let micros = decimal(&mut micros, e.micros);
-    let fields: [(&str, Value<'_>); 13] = [
-        ("time", Value::Text(time)),
-        ("kind", Value::Text("access")),
-        ("method", Value::Text(e.method.as_str())),
-        ("path", Value::Text(&e.path)),
-        ("route", Value::Text(e.route)),
-        ("org", Value::Text(e.org.as_deref().unwrap_or("-"))),
-        ("ns", Value::Text(e.ns.as_deref().unwrap_or("-"))),
-        ("via", Value::Text(e.via)),
-        ("status", Value::Number(status)),
-        ("backend", Value::Text(backend.unwrap_or("-"))),
-        ("decision", Value::Text(e.decision)),
-        ("micros", Value::Number(micros)),
-        ("request_id", Value::Text(id)),
-    ];
     match format {
         AccessLogFormat::Json => {
-            out.push(b'{');
-            for (i, (key, value)) in fields.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                json_string(out, key);
-                out.push(b':');
-                match value {
-                    Value::Text(t) => json_string(out, t),
-                    Value::Number(n) => out.extend_from_slice(n.as_bytes()),
-                }
-            }
-            out.extend_from_slice(b"}\n");
+            // The keys are fixed: written as literal fragments, only values are escaped. The
+            // time and a request id (hex, or a client's id of `[A-Za-z0-9._-]`) need none.
+            out.extend_from_slice(b"{\"time\":\"");
+            rfc3339_millis(out, e.at);
+            out.extend_from_slice(b"\",\"kind\":\"access\",\"method\":");
+            json_string(out, e.method.as_str());
+            out.extend_from_slice(b",\"path\":");
+            json_string(out, &e.path);
+            out.extend_from_slice(b",\"route\":");
+            json_string(out, e.route);
+            out.extend_from_slice(b",\"org\":");
+            json_string(out, e.org.as_deref().unwrap_or("-"));
+            out.extend_from_slice(b",\"ns\":");
+            json_string(out, e.ns.as_deref().unwrap_or("-"));
+            out.extend_from_slice(b",\"via\":");
+            json_string(out, e.via);
+            out.extend_from_slice(b",\"status\":");
+            out.extend_from_slice(status.as_bytes());
+            out.extend_from_slice(b",\"backend\":");
+            json_string(out, backend.unwrap_or("-"));
+            out.extend_from_slice(b",\"decision\":");
+            json_string(out, e.decision);
+            out.extend_from_slice(b",\"micros\":");
+            out.extend_from_slice(micros.as_bytes());
+            out.extend_from_slice(b",\"request_id\":\"");
+            e.request_id.write_to(out);
+            out.extend_from_slice(b"\"}\n");
         }
         AccessLogFormat::Logfmt => {
+            let mut id = Vec::with_capacity(40);
+            e.request_id.write_to(&mut id);
+            let id = std::str::from_utf8(&id).unwrap_or("-");
+            let mut time = Vec::with_capacity(24);
+            rfc3339_millis(&mut time, e.at);
+            let time = std::str::from_utf8(&time).unwrap_or("-");
+            let fields: [(&str, Value<'_>); 13] = [
+                ("time", Value::Text(time)),
+                ("kind", Value::Text("access")),
+                ("method", Value::Text(e.method.as_str())),
+                ("path", Value::Text(&e.path)),
+                ("route", Value::Text(e.route)),
+                ("org", Value::Text(e.org.as_deref().unwrap_or("-"))),
+                ("ns", Value::Text(e.ns.as_deref().unwrap_or("-"))),
+                ("via", Value::Text(e.via)),
+                ("status", Value::Number(status)),
+                ("backend", Value::Text(backend.unwrap_or("-"))),
+                ("decision", Value::Text(e.decision)),
+                ("micros", Value::Number(micros)),
+                ("request_id", Value::Text(id)),
+            ];
             for (i, (key, value)) in fields.iter().enumerate() {
                 if i > 0 {
                     out.push(b' ');
@@ -446,6 +460,16 @@ mod tests {
         assert_eq!(v["decision"], "cached");
         assert_eq!(v["micros"], 12);
         assert_eq!(v["request_id"], "0000000000000abc-2a");
+
+        // What a client sent is escaped: the line stays one JSON document.
+        let mut e = entry(1);
+        e.path = "/v2/a\"b\\c\u{1}\n/ü".into();
+        let mut out = Vec::new();
+        format_line(&mut out, AccessLogFormat::Json, &e);
+        let line = String::from_utf8(out).unwrap();
+        assert_eq!(line.matches('\n').count(), 1);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["path"], "/v2/a\"b\\c\u{1}\n/ü");
     }
 
     #[test]

@@ -77,6 +77,21 @@ pub struct ServerSettings {
     /// this long (announcements are withdrawn, in-flight streams finish), then stops.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How long an idle client connection is kept open for its next request.
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// How long a client has, from a request's first byte, to send the whole request head
+    /// (slow clients get 408).
+    #[serde(default = "default_request_head_timeout", with = "humantime_serde")]
+    pub request_head_timeout: Duration,
+}
+
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_request_head_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_shutdown_grace() -> Duration {
@@ -943,6 +958,20 @@ impl Settings {
                 }
             }
             (None, None) => {}
+        }
+        if self.server.keep_alive.is_zero() || self.server.keep_alive > Duration::from_secs(3600) {
+            problem(
+                "server.keep_alive".into(),
+                "must be more than 0 and at most 1h".into(),
+            );
+        }
+        if self.server.request_head_timeout.is_zero()
+            || self.server.request_head_timeout > Duration::from_secs(300)
+        {
+            problem(
+                "server.request_head_timeout".into(),
+                "must be more than 0 and at most 5m".into(),
+            );
         }
         if self.server.workers == Some(0) {
             problem("server.workers".into(), "must be at least 1".into());

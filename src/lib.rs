@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod flights;
+pub mod front;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;

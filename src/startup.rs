@@ -71,26 +71,54 @@ impl Application {
             .health
             .interval
             .clamp(std::time::Duration::from_secs(1), KEEP_WARM_AT_MOST);
-        let server = HttpServer::new(move || {
-            // Runs on each worker: its own backend client, its connections kept warm.
+        // Runs on each worker: its own backend client, its connections kept warm.
+        let worker_app = move || {
             let upstream = web::Data::new(Upstream::new(&upstream_settings, auth.clone()));
             keep_connections_warm(api_gateway.clone(), upstream.clone(), keep_warm_every);
-            registry_app_sharing(api_gateway.clone(), upstream)
-        });
-        let mut server = match (&settings.server.tls_cert, &settings.server.tls_key) {
-            (Some(cert), Some(key)) => {
-                server.listen_rustls_0_23(listener, tls_config(cert, key)?)?
-            }
-            _ => server.listen(listener)?,
+            let gateway = api_gateway.clone();
+            move || registry_app_sharing(gateway.clone(), upstream.clone())
         };
-        if let Some(workers) = settings.server.workers {
-            server = server.workers(workers);
-        }
         // After the grace period, requests still in flight get as long again to finish.
-        let server = server
-            .disable_signals()
-            .shutdown_timeout(settings.server.shutdown_grace.as_secs().max(1))
-            .run();
+        let stop_within = settings.server.shutdown_grace.as_secs().max(1);
+        let timeouts = crate::front::Timeouts {
+            keep_alive: settings.server.keep_alive,
+            request_head: settings.server.request_head_timeout,
+        };
+        let server = match (&settings.server.tls_cert, &settings.server.tls_key) {
+            (Some(cert), Some(key)) => {
+                let mut server = HttpServer::new(move || worker_app()())
+                    .keep_alive(timeouts.keep_alive)
+                    .client_request_timeout(timeouts.request_head)
+                    .listen_rustls_0_23(listener, tls_config(cert, key)?)?;
+                if let Some(workers) = settings.server.workers {
+                    server = server.workers(workers);
+                }
+                server.disable_signals().shutdown_timeout(stop_within).run()
+            }
+            // Plain HTTP: warm redirects are answered by the front door (`front`), the rest
+            // by the same App behind actix-http.
+            _ => {
+                let mut builder = actix_server::Server::build();
+                let shutdown = builder.graceful_shutdown_signal();
+                let gateway = gateway.clone();
+                builder = builder.listen("regatta-registry", listener, move || {
+                    crate::front::service(
+                        gateway.clone(),
+                        addr,
+                        shutdown.clone(),
+                        timeouts,
+                        worker_app(),
+                    )
+                })?;
+                if let Some(workers) = settings.server.workers {
+                    builder = builder.workers(workers);
+                }
+                builder
+                    .disable_signals()
+                    .shutdown_timeout(stop_within)
+                    .run()
+            }
+        };
 
         let admin = match (&settings.admin.listen, &settings.admin.token) {
             (Some(listen), Some(token)) => {
@@ -325,28 +353,7 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id"
 
 /// The client's `X-Request-Id` when it is a sane token, else a fresh one.
 fn request_id(req: &HttpRequest) -> RequestId {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    if let Some(given) = req.headers().get(REQUEST_ID_HEADER) {
-        let bytes = given.as_bytes();
-        let sane = !bytes.is_empty()
-            && bytes.len() <= 128
-            && bytes
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if sane {
-            return RequestId::Given(given.clone());
-        }
-    }
-    let seed = *SEED.get_or_init(|| {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as u64;
-        nanos ^ (u64::from(std::process::id()) << 32)
-    });
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    RequestId::Generated { seed, n }
+    crate::front::request_id(req.headers().get(REQUEST_ID_HEADER).map(|v| v.as_bytes()))
 }
 
 /// Every registry API request: an id (returned as `X-Request-Id`, on every log line of the
@@ -371,32 +378,13 @@ async fn dispatch(
         _ => None,
     };
     if let Some(hit) = warm {
-        gw.metrics.redirect_hits.inc();
-        hit.decision.inc();
-        hit.requests.inc();
         let mut response = HttpResponse::new(StatusCode::TEMPORARY_REDIRECT);
         let headers = response.headers_mut();
         headers.insert(header::LOCATION, hit.location.clone());
         headers.insert(gateway::BACKEND_HEADER, hit.backend.clone());
         headers.insert(REQUEST_ID_HEADER, id.header_value());
-        let elapsed = started.elapsed();
-        gw.metrics.blob_seconds.observe(elapsed.as_secs_f64());
-        if let Some(log) = &gw.access_log {
-            log.log(Entry {
-                at: std::time::SystemTime::now(),
-                method: Method::GET,
-                path: hit.path.clone(),
-                route: "blob",
-                org: Some(hit.org.clone()),
-                ns: group.map(|_| hit.org.clone()),
-                via,
-                status: 307,
-                backend: Some(hit.backend.clone()),
-                decision: "cached",
-                micros: elapsed.as_micros() as u64,
-                request_id: id,
-            });
-        }
+        let at = std::time::SystemTime::now();
+        crate::front::served_warm(&gw, &hit, id, group, via, started, at);
         return response;
     }
     if req.method() == Method::GET {

@@ -17,7 +17,7 @@ use actix_web::HttpRequest;
 
 /// Pure parsing of backend answers, for the fuzz targets (`crate::fuzzing`).
 pub use blobs::presigned_lifetime;
-pub use knowledge::{Detected, Knowledge, Manifest};
+pub use knowledge::{Detected, Knowledge, Manifest, Redirect};
 pub use manifests::{platform_manifest, references as manifest_references};
 
 use crate::api_error::ApiError;
@@ -271,13 +271,22 @@ impl Gateway {
         &'r self,
         req: &'r HttpRequest,
     ) -> Result<crate::mirror::Routed<'r, 'r>, ApiError> {
+        self.route_parts(req.path(), req.query_string())
+    }
+
+    /// The same from a request's path and query string as sent.
+    pub fn route_parts<'r>(
+        &'r self,
+        path: &'r str,
+        query: &str,
+    ) -> Result<crate::mirror::Routed<'r, 'r>, ApiError> {
         let upstreams = &self.topology.upstreams;
         if upstreams.is_empty() {
-            return Ok(crate::mirror::Routed::as_sent(req.path()));
+            return Ok(crate::mirror::Routed::as_sent(path));
         }
-        let ns = crate::mirror::ns_param(req.query_string());
+        let ns = crate::mirror::ns_param(query);
         let snapshot = self.state.load();
-        upstreams.route(req.path(), ns.as_deref(), |first| {
+        upstreams.route(path, ns.as_deref(), |first| {
             snapshot
                 .orgs
                 .get(first)

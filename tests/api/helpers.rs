@@ -150,6 +150,15 @@ impl TestApp {
     }
 }
 
+impl TestApp {
+    /// Stops the node's servers gracefully and waits until they have stopped.
+    pub async fn stop(&self) {
+        for handle in self.handles.clone() {
+            handle.stop(true).await;
+        }
+    }
+}
+
 impl Drop for TestApp {
     fn drop(&mut self) {
         for handle in self.handles.clone() {

@@ -18,6 +18,7 @@ mod deploy;
 mod docker;
 mod errors;
 mod freshness;
+mod front;
 mod listing;
 mod matrix;
 mod mirror;

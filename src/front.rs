@@ -1,0 +1,409 @@
+//! The front door of the plain-HTTP registry listener: warm blob redirects answered straight
+//! from the socket.
+//!
+//! A warm redirect (a blob whose holder and `Location` are already decided under the current
+//! epoch) is the request a gateway serves millions of times a day. Through actix-web it costs
+//! the HTTP/1 dispatcher, the `App` (routing, `HttpRequest`, extractors, middleware) and their
+//! allocations: about twice the user-space time nginx spends on a `return 307`. So each
+//! connection is read here first: every request that is a plain `GET` of a path in the warm
+//! redirect cache is answered with the same bytes, headers, metrics and access log line as
+//! the `App` would give it. The first request that is anything else (another route, a miss,
+//! a body, `Expect`, `Upgrade`, `Connection: close`, HTTP/1.0, a malformed head) hands the
+//! connection to actix-http for the rest of its life, with every byte read so far replayed
+//! first; actix then answers it exactly as before (errors included). The TLS listener is
+//! actix-http throughout.
+//!
+//! Timeouts are the ones actix is given: an idle connection closes after
+//! `server.keep_alive`, a request head must arrive within `server.request_head_timeout` of
+//! its first byte (else 408), and an idle connection closes at once when the server begins
+//! a graceful stop.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use actix_http::{HttpService, Protocol};
+use actix_server::GracefulShutdownSignal;
+use actix_service::{
+    fn_factory, fn_service, map_config, IntoServiceFactory, Service, ServiceFactory,
+    ServiceFactoryExt,
+};
+use actix_web::dev::AppConfig;
+use actix_web::http::header::HeaderValue;
+use actix_web::http::Method;
+use actix_web::web;
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::access_log::{Entry, RequestId};
+use crate::gateway::{Gateway, Redirect};
+
+/// The connection timeouts (`server.keep_alive`, `server.request_head_timeout`): the same
+/// for the front door and for actix.
+#[derive(Clone, Copy)]
+pub struct Timeouts {
+    /// How long an idle connection stays open for its next request.
+    pub keep_alive: Duration,
+    /// How long a client has, from a request's first byte, to send the whole head.
+    pub request_head: Duration,
+}
+/// A head not complete within this many bytes goes to actix (which answers 431 past its own
+/// limit): a warm request is a few hundred bytes.
+const MAX_HEAD: usize = 16 * 1024;
+/// Headers looked at in a warm request; more goes to actix.
+const MAX_HEADERS: usize = 32;
+
+/// The registry service for one plain listener on one worker: the `App` that `app` builds,
+/// behind an actix-http service configured as `HttpServer` would, and this front door before
+/// it.
+pub fn service<F, I, S, B>(
+    gateway: web::Data<Gateway>,
+    addr: SocketAddr,
+    shutdown: GracefulShutdownSignal,
+    timeouts: Timeouts,
+    app: F,
+) -> impl ServiceFactory<TcpStream, Config = (), Response = (), Error = (), InitError = ()>
+where
+    F: Fn() -> I + Clone + 'static,
+    I: IntoServiceFactory<S, actix_http::Request>,
+    S: ServiceFactory<actix_http::Request, Config = AppConfig> + 'static,
+    S::Error: Into<actix_web::Error> + 'static,
+    S::InitError: std::fmt::Debug,
+    S::Response: Into<actix_http::Response<B>> + 'static,
+    <S::Service as Service<actix_http::Request>>::Future: 'static,
+    S::Service: 'static,
+    B: actix_web::body::MessageBody + 'static,
+{
+    fn_factory(move || {
+        let (gateway, shutdown, app) = (gateway.clone(), shutdown.clone(), app.clone());
+        async move {
+            let actix_shutdown = shutdown.clone();
+            let http = HttpService::<Rewind, _, _>::build()
+                .keep_alive(timeouts.keep_alive)
+                .client_request_timeout(timeouts.request_head)
+                .local_addr(addr)
+                .graceful_shutdown_signal(move || {
+                    let signal = actix_shutdown.clone();
+                    async move { signal.notified().await }
+                })
+                .finish(map_config(
+                    app().into_factory().map_err(|e| e.into().error_response()),
+                    move |_| AppConfig::__priv_test_new(false, addr.to_string(), addr),
+                ))
+                .new_service(())
+                .await
+                .map_err(|_| tracing::error!("cannot start the registry service on a worker"))?;
+            let http = Rc::new(http);
+            Ok::<_, ()>(fn_service(move |io: TcpStream| {
+                let (gateway, shutdown, http) = (gateway.clone(), shutdown.clone(), http.clone());
+                async move {
+                    let peer = io.peer_addr().ok();
+                    if let Some((io, read)) = front(io, &gateway, &shutdown, timeouts).await {
+                        let replayed = Rewind { read, io };
+                        // actix answers (and logs) whatever the front door does not.
+                        let _ = http.call((replayed, Protocol::Http1, peer)).await;
+                    }
+                    Ok::<(), ()>(())
+                }
+            }))
+        }
+    })
+}
+
+/// What a connection's next buffered request is.
+enum Next {
+    /// A warm redirect, answered into the output; `usize` bytes of input consumed.
+    Answered(usize),
+    /// The head is not complete yet.
+    Partial,
+    /// Anything else: actix's to serve.
+    Other,
+}
+
+/// Serves warm redirects on `io` until it closes (`None`) or a request needs actix: then
+/// the connection and every byte read but not answered are returned.
+async fn front(
+    mut io: TcpStream,
+    gw: &Gateway,
+    shutdown: &GracefulShutdownSignal,
+    timeouts: Timeouts,
+) -> Option<(TcpStream, BytesMut)> {
+    let mut read = BytesMut::with_capacity(4096);
+    let mut out: Vec<u8> = Vec::with_capacity(1024);
+    let stopping = shutdown.notified();
+    tokio::pin!(stopping);
+    // One timer per connection, moved only when it fires early: a request costs a clock
+    // read, not a timer insertion.
+    // When the bytes being parsed arrived: the start of their requests' durations, and of
+    // the idle time after them (one clock read per wake-up, however many requests).
+    let mut woke = Instant::now();
+    let mut idle_since = woke;
+    let mut head_since: Option<Instant> = None;
+    let timer = tokio::time::sleep(timeouts.keep_alive);
+    tokio::pin!(timer);
+    loop {
+        loop {
+            match next(&read, woke, gw, &mut out) {
+                Next::Answered(used) => {
+                    read.advance(used);
+                    head_since = None;
+                    idle_since = woke;
+                }
+                Next::Partial => break,
+                Next::Other => {
+                    if !out.is_empty() && io.write_all(&out).await.is_err() {
+                        return None;
+                    }
+                    return Some((io, read));
+                }
+            }
+        }
+        if !out.is_empty() {
+            if io.write_all(&out).await.is_err() {
+                return None;
+            }
+            out.clear();
+        }
+        if read.len() > MAX_HEAD {
+            return Some((io, read));
+        }
+        if !read.is_empty() && head_since.is_none() {
+            head_since = Some(woke);
+        }
+        let deadline = match head_since {
+            Some(at) => at + timeouts.request_head,
+            None => idle_since + timeouts.keep_alive,
+        };
+        tokio::select! {
+            biased;
+            got = io.read_buf(&mut read) => match got {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => woke = Instant::now(),
+            },
+            () = &mut timer => {
+                if Instant::now() < deadline {
+                    timer.as_mut().reset(deadline.into());
+                } else {
+                    if head_since.is_some() {
+                        let _ = io.write_all(REQUEST_TIMEOUT).await;
+                    }
+                    return None;
+                }
+            }
+            () = &mut stopping, if read.is_empty() => return None,
+        }
+    }
+}
+
+const REQUEST_TIMEOUT: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// Parses the first buffered request; answers it into `out` when it is a warm redirect.
+fn next(read: &[u8], started: Instant, gw: &Gateway, out: &mut Vec<u8>) -> Next {
+    if read.is_empty() {
+        return Next::Partial;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let used = match req.parse(read) {
+        Ok(httparse::Status::Complete(used)) => used,
+        Ok(httparse::Status::Partial) => return Next::Partial,
+        Err(_) => return Next::Other,
+    };
+    if req.method != Some("GET") || req.version != Some(1) {
+        return Next::Other;
+    }
+    let Some(target) = req.path else {
+        return Next::Other;
+    };
+    let mut given_id = None;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"x-request-id") {
+            given_id = Some(h.value);
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            if !h.value.eq_ignore_ascii_case(b"keep-alive") {
+                return Next::Other;
+            }
+        } else if name.eq_ignore_ascii_case(b"content-length")
+            || name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"expect")
+            || name.eq_ignore_ascii_case(b"upgrade")
+        {
+            return Next::Other;
+        }
+    }
+    let (path, query) = match target.split_once('?') {
+        Some((path, query)) if query.bytes().all(plain_query_byte) => (path, query),
+        Some(_) => return Next::Other,
+        None => (target, ""),
+    };
+    if !path.starts_with('/') {
+        return Next::Other;
+    }
+    let Ok(routed) = gw.route_parts(path, query) else {
+        return Next::Other;
+    };
+    let Some(hit) = gw.knowledge.redirect(&routed.path) else {
+        return Next::Other;
+    };
+    let id = request_id(given_id);
+    let at = SystemTime::now();
+    out.extend_from_slice(b"HTTP/1.1 307 Temporary Redirect\r\ncontent-length: 0\r\nlocation: ");
+    out.extend_from_slice(hit.location.as_bytes());
+    out.extend_from_slice(b"\r\nx-regatta-backend: ");
+    out.extend_from_slice(hit.backend.as_bytes());
+    out.extend_from_slice(b"\r\nx-request-id: ");
+    id.write_to(out);
+    out.extend_from_slice(b"\r\ndocker-distribution-api-version: registry/2.0\r\ndate: ");
+    write_date(out, at);
+    out.extend_from_slice(b"\r\n\r\n");
+    served_warm(gw, &hit, id, routed.group, routed.via, started, at);
+    Next::Answered(used)
+}
+
+/// Query bytes the front door passes on as they are (an `ns=` value, `&`, escapes); any
+/// other query goes to actix, which judges it.
+fn plain_query_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'%' | b'=' | b'&' | b'+')
+}
+
+/// The metrics and access log line of a warm redirect, wherever it was answered.
+pub fn served_warm(
+    gw: &Gateway,
+    hit: &Redirect,
+    id: RequestId,
+    group: Option<&str>,
+    via: &'static str,
+    started: Instant,
+    at: SystemTime,
+) {
+    gw.metrics.redirect_hits.inc();
+    hit.decision.inc();
+    hit.requests.inc();
+    let elapsed = started.elapsed();
+    gw.metrics.blob_seconds.observe(elapsed.as_secs_f64());
+    if let Some(log) = &gw.access_log {
+        log.log(Entry {
+            at,
+            method: Method::GET,
+            path: hit.path.clone(),
+            route: "blob",
+            org: Some(hit.org.clone()),
+            ns: group.map(|_| hit.org.clone()),
+            via,
+            status: 307,
+            backend: Some(hit.backend.clone()),
+            decision: "cached",
+            micros: elapsed.as_micros() as u64,
+            request_id: id,
+        });
+    }
+}
+
+/// The client's `X-Request-Id` when it is a sane token, else a fresh one.
+pub fn request_id(given: Option<&[u8]>) -> RequestId {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    if let Some(bytes) = given {
+        let sane = !bytes.is_empty()
+            && bytes.len() <= 128
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if sane {
+            if let Ok(value) = HeaderValue::from_bytes(bytes) {
+                return RequestId::Given(value);
+            }
+        }
+    }
+    let seed = *SEED.get_or_init(|| {
+        let nanos = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        nanos ^ (u64::from(std::process::id()) << 32)
+    });
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    RequestId::Generated { seed, n }
+}
+
+/// `Date` in IMF-fixdate, formatted once per second per thread.
+fn write_date(out: &mut Vec<u8>, at: SystemTime) {
+    thread_local! {
+        static LAST: std::cell::RefCell<(u64, [u8; 29])> = const { std::cell::RefCell::new((u64::MAX, [0; 29])) };
+    }
+    let secs = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if last.0 != secs {
+            let text = httpdate::fmt_http_date(at);
+            if text.len() == 29 {
+                last.1.copy_from_slice(text.as_bytes());
+                last.0 = secs;
+            } else {
+                out.extend_from_slice(text.as_bytes());
+                return;
+            }
+        }
+        out.extend_from_slice(&last.1);
+    });
+}
+
+/// A connection handed to actix: the bytes the front door read but did not answer come
+/// first, then the socket.
+pub struct Rewind {
+    read: BytesMut,
+    io: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read[..n]);
+            self.read.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
