@@ -201,49 +201,87 @@ async fn front(
 const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
-/// Parses the first buffered request; answers it into `out` when it is a warm redirect.
-fn next(read: &[u8], started: Instant, gw: &Gateway, out: &mut Vec<u8>) -> Next {
-    if read.is_empty() {
-        return Next::Partial;
-    }
+/// What the first buffered request is, as far as the front door is concerned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Head<'a> {
+    /// A plain HTTP/1.1 `GET` the front door may answer: its head is `used` bytes, its
+    /// target `path` and `query` (without `?`), and the client's `X-Request-Id`.
+    Get {
+        used: usize,
+        path: &'a str,
+        query: &'a str,
+        request_id: Option<&'a [u8]>,
+    },
+    /// The head is not complete yet.
+    Partial,
+    /// Anything else (another method or version, a body, `Expect`, `Upgrade`, a
+    /// `Connection` other than keep-alive, an odd query, a malformed head): actix's.
+    Other,
+}
+
+/// Reads the first request head in `read` (`fuzzing::front_head` holds its invariants).
+pub fn classify(read: &[u8]) -> Head<'_> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let used = match req.parse(read) {
         Ok(httparse::Status::Complete(used)) => used,
-        Ok(httparse::Status::Partial) => return Next::Partial,
-        Err(_) => return Next::Other,
+        Ok(httparse::Status::Partial) => return Head::Partial,
+        Err(_) => return Head::Other,
     };
     if req.method != Some("GET") || req.version != Some(1) {
-        return Next::Other;
+        return Head::Other;
     }
     let Some(target) = req.path else {
-        return Next::Other;
+        return Head::Other;
     };
-    let mut given_id = None;
+    let mut request_id = None;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"x-request-id") {
-            given_id = Some(h.value);
+            request_id = Some(h.value);
         } else if name.eq_ignore_ascii_case(b"connection") {
             if !h.value.eq_ignore_ascii_case(b"keep-alive") {
-                return Next::Other;
+                return Head::Other;
             }
         } else if name.eq_ignore_ascii_case(b"content-length")
             || name.eq_ignore_ascii_case(b"transfer-encoding")
             || name.eq_ignore_ascii_case(b"expect")
             || name.eq_ignore_ascii_case(b"upgrade")
         {
-            return Next::Other;
+            return Head::Other;
         }
     }
     let (path, query) = match target.split_once('?') {
         Some((path, query)) if query.bytes().all(plain_query_byte) => (path, query),
-        Some(_) => return Next::Other,
+        Some(_) => return Head::Other,
         None => (target, ""),
     };
     if !path.starts_with('/') {
-        return Next::Other;
+        return Head::Other;
     }
+    Head::Get {
+        used,
+        path,
+        query,
+        request_id,
+    }
+}
+
+/// Answers the first buffered request into `out` when it is a warm redirect.
+fn next(read: &[u8], started: Instant, gw: &Gateway, out: &mut Vec<u8>) -> Next {
+    if read.is_empty() {
+        return Next::Partial;
+    }
+    let (used, path, query, given_id) = match classify(read) {
+        Head::Get {
+            used,
+            path,
+            query,
+            request_id,
+        } => (used, path, query, request_id),
+        Head::Partial => return Next::Partial,
+        Head::Other => return Next::Other,
+    };
     let Ok(routed) = gw.route_parts(path, query) else {
         return Next::Other;
     };
@@ -405,5 +443,69 @@ impl AsyncWrite for Rewind {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_gets_are_the_front_doors() {
+        let get =
+            b"GET /v2/a/b/blobs/sha256:aa HTTP/1.1\r\nHost: x\r\nX-Request-Id: r-1\r\n\r\nGET";
+        assert_eq!(
+            classify(get),
+            Head::Get {
+                used: get.len() - 3,
+                path: "/v2/a/b/blobs/sha256:aa",
+                query: "",
+                request_id: Some(&b"r-1"[..]),
+            }
+        );
+        let ns =
+            b"GET /v2/library/x/blobs/d?ns=docker.io HTTP/1.1\r\nConnection: Keep-Alive\r\n\r\n";
+        assert!(matches!(
+            classify(ns),
+            Head::Get {
+                path: "/v2/library/x/blobs/d",
+                query: "ns=docker.io",
+                ..
+            }
+        ));
+        assert_eq!(classify(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n"), Head::Partial);
+        assert_eq!(classify(b"GE"), Head::Partial);
+        for other in [
+            &b"HEAD /v2/ HTTP/1.1\r\n\r\n"[..],
+            b"GET /v2/ HTTP/1.0\r\n\r\n",
+            b"GET /v2/ HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            b"GET /v2/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"GET /v2/ HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            b"GET /v2/ HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
+            b"GET /v2/ HTTP/1.1\r\nConnection: close\r\n\r\n",
+            b"GET http://a/v2/ HTTP/1.1\r\n\r\n",
+            b"GET /v2/?q=\"x\" HTTP/1.1\r\n\r\n",
+            b"GARBAGE\r\n\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        ] {
+            assert_eq!(
+                classify(other),
+                Head::Other,
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
+    }
+
+    #[test]
+    fn dates_are_imf_fixdate() {
+        let mut out = Vec::new();
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        write_date(&mut out, at);
+        write_date(&mut out, at + Duration::from_millis(300));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "Tue, 14 Nov 2023 22:13:20 GMTTue, 14 Nov 2023 22:13:20 GMT"
+        );
     }
 }

@@ -25,7 +25,57 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("manifest", manifest),
     ("config", config),
     ("token_request", token_request),
+    ("front_head", front_head),
 ];
+
+/// The front door's reading of a request head (`front::classify`): never a panic; a `GET`
+/// it would answer is a complete HTTP/1.1 GET head of at most the bytes given, whose target
+/// is the path and query it reports (an origin-form path, a query of plain bytes), and
+/// nothing it let through carries a body, `Expect`, `Upgrade` or a `Connection` other than
+/// keep-alive.
+pub fn front_head(data: &[u8]) {
+    use crate::front::{classify, Head};
+    let Head::Get {
+        used,
+        path,
+        query,
+        request_id,
+    } = classify(data)
+    else {
+        return;
+    };
+    assert!(used <= data.len());
+    assert!(path.starts_with('/') && !path.contains('?'));
+    let head = &data[..used];
+    assert!(head.ends_with(b"\n\n") || head.ends_with(b"\r\n\r\n"));
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    assert_eq!(req.parse(head), Ok(httparse::Status::Complete(used)));
+    assert_eq!((req.method, req.version), (Some("GET"), Some(1)));
+    let target = req.path.expect("a target");
+    let expected = if query.is_empty() && !target.contains('?') {
+        path.to_owned()
+    } else {
+        format!("{path}?{query}")
+    };
+    assert_eq!(target, expected);
+    for h in req.headers.iter() {
+        let name = h.name.to_ascii_lowercase();
+        assert!(
+            !matches!(
+                name.as_str(),
+                "content-length" | "transfer-encoding" | "expect" | "upgrade"
+            ),
+            "{name} let through"
+        );
+        if name == "connection" {
+            assert!(h.value.eq_ignore_ascii_case(b"keep-alive"));
+        }
+        if name == "x-request-id" {
+            assert!(request_id.is_some());
+        }
+    }
+}
 
 /// The token endpoint's inputs: the bytes as a `scope` list (parsed, or refused with a
 /// reason; never more than `MAX_SCOPES`; every repository name valid) and as a bearer
