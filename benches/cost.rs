@@ -4,9 +4,11 @@
 //! work to the warm path shows here even when wall-clock noise hides it.
 //!
 //! Counted: `App::call` of one request and the drop of its response (routing, extractors,
-//! the handler, metrics, the request id, the access log record). Not counted: reading and
-//! writing the socket and encoding the response head (actix-http), which the load bench and
-//! the perf profile in BENCHMARKS.md cover.
+//! the handler, metrics, the request id, the access log record); for the front door,
+//! `front::answer` (the head parsed, the whole answer written into a buffer, metrics, the
+//! access log record). Not counted: reading and writing the socket, and for the App the
+//! actix-http dispatcher around it, which the load bench and the perf profile in
+//! BENCHMARKS.md cover.
 //!
 //! Run: `cargo bench --bench cost` (valgrind from Debian for the instruction counts; without
 //! it only allocations are printed). Knobs: `COST_REQUESTS` (allocation sample, 10000),
@@ -61,6 +63,8 @@ static ALLOCATOR: Counting = Counting;
 /// appended to the in-process gateway's.
 struct Case {
     name: &'static str,
+    /// Served by the plain listener's front door (`front::answer`) rather than the App.
+    front: bool,
     path: fn(&inproc::Paths) -> String,
     status: u16,
     config: &'static str,
@@ -68,25 +72,36 @@ struct Case {
 
 const CASES: &[Case] = &[
     Case {
-        name: "warm_blob_redirect",
+        name: "warm_blob_redirect, front door",
+        front: true,
         path: |p| p.blob.clone(),
         status: 307,
         config: "[access_log]\npath = \"/dev/null\"",
     },
     Case {
-        name: "warm_blob_redirect, no access log",
+        name: "warm_blob_redirect, App",
+        front: false,
+        path: |p| p.blob.clone(),
+        status: 307,
+        config: "[access_log]\npath = \"/dev/null\"",
+    },
+    Case {
+        name: "warm_blob_redirect, App, no log",
+        front: false,
         path: |p| p.blob.clone(),
         status: 307,
         config: "[access_log]\nenabled = false",
     },
     Case {
         name: "cached_manifest",
+        front: false,
         path: |p| p.manifest.clone(),
         status: 200,
         config: "[access_log]\npath = \"/dev/null\"",
     },
     Case {
         name: "healthz (the stack's floor)",
+        front: false,
         path: |_| "/healthz".into(),
         status: 200,
         config: "",
@@ -112,6 +127,16 @@ where
     response.status().as_u16()
 }
 
+/// One request through the front door: its head parsed, its answer written into `out`.
+#[inline(never)]
+fn serve_front(gw: &regatta::gateway::Gateway, request: &[u8], out: &mut Vec<u8>) -> u16 {
+    out.clear();
+    match regatta::front::answer(request, gw, out) {
+        Some(used) if used == request.len() && out.starts_with(b"HTTP/1.1 307 ") => 307,
+        _ => 0,
+    }
+}
+
 /// Serves `n` requests of `case`; returns allocations and bytes per request.
 fn run(case: &Case, n: u64) -> (f64, f64) {
     let system = actix_web::rt::System::new();
@@ -120,15 +145,27 @@ fn run(case: &Case, n: u64) -> (f64, f64) {
     let path = (case.path)(&warm.paths);
     system.block_on(async {
         let request = || TestRequest::get().uri(&path).to_request();
-        // Lazily built state (metric series, cache internals) is not a request's cost.
+        // Lazily built state (metric series, cache internals) is not a request's cost; the
+        // App's first answer also fills the redirect cache the front door reads.
         for _ in 0..100 {
             assert_eq!(serve_one(&warm.app, request()), case.status);
+        }
+        let wire = format!("GET {path} HTTP/1.1\r\nHost: registry.example\r\n\r\n");
+        let mut out = Vec::with_capacity(1024);
+        if case.front {
+            for _ in 0..100 {
+                assert_eq!(serve_front(&warm.gateway, wire.as_bytes(), &mut out), 307);
+            }
         }
         let (mut allocations, mut bytes) = (0, 0);
         for _ in 0..n {
             let request = request();
             let (a0, b0) = (ALLOCATIONS.get(), ALLOCATED_BYTES.get());
-            let status = serve_one(&warm.app, request);
+            let status = if case.front {
+                serve_front(&warm.gateway, wire.as_bytes(), &mut out)
+            } else {
+                serve_one(&warm.app, request)
+            };
             allocations += ALLOCATIONS.get() - a0;
             bytes += ALLOCATED_BYTES.get() - b0;
             assert_eq!(status, case.status, "{}", case.name);
@@ -208,7 +245,11 @@ fn main() {
                 _ => "?".into(),
             }
         };
-        let per_request_thread = per_request("*serve_one*");
+        let per_request_thread = per_request(if case.front {
+            "*serve_front*"
+        } else {
+            "*serve_one*"
+        });
         println!(
             "{:<32} {:>14} {:>14.2} {:>12.0}",
             case.name, per_request_thread, allocations, bytes

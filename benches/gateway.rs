@@ -91,6 +91,17 @@ fn service(c: &mut Criterion) {
             })
         })
     });
+    // The same request through the plain listener's front door: head parsed, answer
+    // written (the App's answer above has warmed the redirect cache it reads).
+    let wire = format!("GET {blob_uri} HTTP/1.1\r\nHost: registry.example\r\n\r\n");
+    let mut out = Vec::with_capacity(1024);
+    group.bench_function("warm_blob_redirect_front_door", |b| {
+        b.iter(|| {
+            out.clear();
+            let used = regatta::front::answer(wire.as_bytes(), &warm.gateway, &mut out);
+            assert_eq!(used, Some(wire.len()));
+        })
+    });
     group.bench_function("cached_manifest", |b| {
         b.iter(|| {
             system.block_on(async {

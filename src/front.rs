@@ -267,6 +267,15 @@ pub fn classify(read: &[u8]) -> Head<'_> {
     }
 }
 
+/// Answers the first request in `read` into `out` when it is a warm redirect; returns the
+/// bytes of `read` it used (what a connection does per request; `benches/cost.rs` counts it).
+pub fn answer(read: &[u8], gw: &Gateway, out: &mut Vec<u8>) -> Option<usize> {
+    match next(read, Instant::now(), gw, out) {
+        Next::Answered(used) => Some(used),
+        Next::Partial | Next::Other => None,
+    }
+}
+
 /// Answers the first buffered request into `out` when it is a warm redirect.
 fn next(read: &[u8], started: Instant, gw: &Gateway, out: &mut Vec<u8>) -> Next {
     if read.is_empty() {

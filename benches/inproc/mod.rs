@@ -61,6 +61,7 @@ pub struct Paths {
 /// The warm service.
 pub struct Warm<S> {
     pub app: S,
+    pub gateway: web::Data<Gateway>,
     pub paths: Paths,
 }
 
@@ -108,6 +109,7 @@ pub fn warm(
     });
     Warm {
         app,
+        gateway,
         paths: Paths {
             blob: format!("/v2/acme/app/blobs/{LAYER}"),
             manifest: format!("/v2/acme/app/manifests/{manifest_digest}"),
