@@ -89,6 +89,9 @@ impl Default for AuthCache {
     }
 }
 
+/// The most of a keep-warm answer's body read (a `/v2/` body is `{}` or an error document).
+const KEEP_WARM_BODY_LIMIT: usize = 64 * 1024;
+
 pub struct Upstream {
     client: awc::Client,
     /// Clients of backends that trust a CA of their own (`tls_ca`), made on first use.
@@ -210,9 +213,13 @@ impl Upstream {
     /// challenge. Fetches no token.
     pub async fn keep_warm(&self, backend: &Backend) {
         let call = Call::new(Method::GET, "/v2/".into(), None);
-        let Ok(response) = self.send_once(backend, &call, None).await else {
+        let Ok(mut response) = self.send_once(backend, &call, None).await else {
             return;
         };
+        // Read the (small) body to its end: only then does awc put the connection back in
+        // the pool. Dropped unread, the connection was closed, and the next cold request
+        // paid a connect (and the backend an accept) on the critical path.
+        let _ = response.body().limit(KEEP_WARM_BODY_LIMIT).await;
         if response.status() != StatusCode::UNAUTHORIZED || backend.credentials_are_static() {
             return;
         }
