@@ -142,7 +142,8 @@ async fn front(
     let mut woke = Instant::now();
     let mut idle_since = woke;
     let mut head_since: Option<Instant> = None;
-    let timer = tokio::time::sleep(timeouts.keep_alive);
+    let mut armed = woke + timeouts.keep_alive;
+    let timer = tokio::time::sleep_until(armed.into());
     tokio::pin!(timer);
     loop {
         loop {
@@ -177,6 +178,12 @@ async fn front(
             Some(at) => at + timeouts.request_head,
             None => idle_since + timeouts.keep_alive,
         };
+        // Deadlines move later as requests come (the timer is moved when it fires), but a
+        // head timeout shorter than the keep-alive can move one earlier.
+        if deadline < armed {
+            armed = deadline;
+            timer.as_mut().reset(armed.into());
+        }
         tokio::select! {
             biased;
             got = io.read_buf(&mut read) => match got {
@@ -185,7 +192,8 @@ async fn front(
             },
             () = &mut timer => {
                 if Instant::now() < deadline {
-                    timer.as_mut().reset(deadline.into());
+                    armed = deadline;
+                    timer.as_mut().reset(armed.into());
                 } else {
                     if head_since.is_some() {
                         let _ = io.write_all(REQUEST_TIMEOUT).await;

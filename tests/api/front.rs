@@ -257,6 +257,25 @@ async fn slow_and_idle_connections_are_timed_out() {
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
 }
 
+/// A head timeout shorter than the keep-alive still applies: a head that stops coming gets
+/// its 408 long before the connection's keep-alive would have ended it.
+#[actix_web::test]
+async fn a_stalled_head_times_out_before_a_longer_keep_alive() {
+    let config = Config::new()
+        .server_key(r#"keep_alive = "60s""#)
+        .server_key(r#"request_head_timeout = "300ms""#);
+    let (app, _backend, path, _, _work) = warm_node(config).await;
+    let mut conn = TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
+    // One warm answer first: the timer is then armed for the keep-alive.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.unwrap();
+    assert_eq!(read_responses(&mut conn, &[false]).await[0].status, 307);
+    conn.write_all(&request.as_bytes()[..20]).await.unwrap();
+    let got = read_to_close(&mut conn, Duration::from_secs(10)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+}
+
 /// A graceful stop closes idle connections at once: with a keep-alive of a minute and a
 /// shutdown timeout of 30 s, an idle connection still open after 10 s fails the test.
 #[actix_web::test]
