@@ -135,13 +135,13 @@ async fn front(
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     let stopping = shutdown.notified();
     tokio::pin!(stopping);
-    // One timer per connection, moved only when it fires early: a request costs a clock
-    // read, not a timer insertion.
     // When the bytes being parsed arrived: the start of their requests' durations, and of
     // the idle time after them (one clock read per wake-up, however many requests).
     let mut woke = Instant::now();
     let mut idle_since = woke;
     let mut head_since: Option<Instant> = None;
+    // One timer per connection, moved only when it fires early: a request costs a clock
+    // read, not a timer insertion.
     let mut armed = woke + timeouts.keep_alive;
     let timer = tokio::time::sleep_until(armed.into());
     tokio::pin!(timer);
