@@ -9,8 +9,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use actix_web::body::SizedStream;
 use actix_web::http::header;
 use actix_web::http::{Method, StatusCode};
-use actix_web::{HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::Bytes;
+use futures_util::future::LocalBoxFuture;
 use futures_util::{FutureExt as _, StreamExt as _};
 
 use super::knowledge::Detected;
@@ -44,7 +45,7 @@ pub(super) async fn serve(
         plan = s.digest_plan(name, digest).await;
         if lead.is_some() && !plan.probe_first.is_empty() {
             s.spend_cold()?;
-            probed = probe(gw, up, org, name, digest, &plan.probe_first).await;
+            probed = probe(s, req, name, digest, &plan.probe_first).await;
             plan = s.digest_plan(name, digest).await;
         }
     }
@@ -99,7 +100,7 @@ pub(super) async fn serve(
         if unasked.is_empty() {
             break;
         }
-        let answered = probe(gw, up, org, name, digest, &unasked).await;
+        let answered = probe(s, req, name, digest, &unasked).await;
         if answered.is_empty() {
             break;
         }
@@ -187,23 +188,47 @@ enum Failure {
 /// among them is certain: a positive answer from a backend whose better-ranked peers have
 /// all answered. So a fast answer from a worse backend never beats the node's own region,
 /// and a slow worse backend never delays the answer of a better one. Answers that arrived
-/// by then are learned too; probes still in flight are dropped and their backends stay
-/// unknown (a later plan may ask them again). Returns the backends that answered.
+/// by then are learned too; probes still out finish on their own (within the request
+/// deadline), so their connections go back to the pool instead of being closed (a connect,
+/// or a TLS handshake, for the next cold request) and what they say is learned. Returns the
+/// backends that answered in time.
 async fn probe(
-    gw: &Gateway,
-    up: &Upstream,
-    org: &Org,
+    s: &Scope<'_>,
+    req: &HttpRequest,
     name: &RepoName,
     digest: &Digest,
     backends: &[BackendIdx],
 ) -> Vec<BackendIdx> {
+    type Answer = (
+        usize,
+        BackendIdx,
+        Result<Response, crate::upstream::UpstreamError>,
+    );
+    let gw = s.gw;
+    // Owned handles, so that a probe can outlive this request (the App always has both).
+    let (Some(gw_data), Some(up)) = (
+        req.app_data::<web::Data<Gateway>>().cloned(),
+        req.app_data::<web::Data<Upstream>>().cloned(),
+    ) else {
+        tracing::error!("blob probe without the gateway or backend client in app data");
+        return Vec::new();
+    };
     let mut answered = Vec::with_capacity(backends.len());
     let mut holdings: Vec<Option<Holding>> = vec![None; backends.len()];
-    let mut answers: futures_util::stream::FuturesUnordered<_> = backends
-        .iter()
-        .enumerate()
-        .map(|(rank, &b)| async move { (rank, b, head_on(gw, up, org, b, name, digest).await) })
-        .collect();
+    let mut answers: futures_util::stream::FuturesUnordered<LocalBoxFuture<'static, Answer>> =
+        backends
+            .iter()
+            .enumerate()
+            .map(|(rank, &b)| {
+                let (gw, up, org) = (gw_data.clone(), up.clone(), s.org.clone());
+                let (name, digest) = (name.clone(), digest.clone());
+                async move {
+                    let answer = head_on(&gw, &up, &org, b, &name, &digest).await;
+                    (rank, b, answer)
+                }
+                .boxed_local()
+            })
+            .collect();
     let best_holder_known =
         |holdings: &[Option<Holding>]| holdings.iter().map_while(|h| *h).any(|h| h == Holding::Has);
     while let Some((rank, b, answer)) = answers.next().await {
@@ -216,6 +241,17 @@ async fn probe(
             }
             break;
         }
+    }
+    if !answers.is_empty() {
+        let (name, digest, deadline) = (name.clone(), digest.clone(), gw.request_deadline);
+        actix_web::rt::spawn(async move {
+            let rest = async {
+                while let Some((_, b, answer)) = answers.next().await {
+                    learn_probe(&gw_data, &name, &digest, b, &answer).await;
+                }
+            };
+            let _ = tokio::time::timeout(deadline, rest).await;
+        });
     }
     answered
 }

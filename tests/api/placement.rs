@@ -185,3 +185,77 @@ async fn a_silent_lower_ranked_backend_does_not_delay_the_answer() {
         "a was probed once"
     );
 }
+
+/// A probe still out when the best holder is certain is not cut off: it finishes on its own,
+/// so its connection goes back to the pool. Twenty cold blobs, each probed on both backends,
+/// cost the slower backend no new connection (cut off, each probe closed its connection and
+/// the next opened another: a connect, or a TLS handshake, per cold blob).
+#[actix_web::test]
+async fn probes_that_lose_the_race_keep_their_connections() {
+    let hub = Registry::start(Shape::Anonymous, None);
+    let mirror = Registry::start(Shape::Anonymous, None);
+    // The mirror's answers come through a link that delivers them in 50 ms ticks: its probe
+    // is always still out when the hub answers.
+    let mirror_port: u16 = mirror.url().rsplit(':').next().unwrap().parse().unwrap();
+    let link = crate::relay::SlowLink::start(mirror_port, 1 << 20);
+    let work = tempfile::tempdir().unwrap();
+    let image = images::multiarch(&work.path().join("image"), "race", "1.0", 10, 512);
+    hub.push(&image, "acme/app", "1.0");
+    let app = spawn_app(
+        &Config::new()
+            .backend("hub", &hub, "direct")
+            // Another region: ranked after the hub whatever the health checks measure.
+            .backend_at(
+                "mirror",
+                &format!("http://127.0.0.1:{}", link.port),
+                "direct",
+                "us",
+            )
+            .org("acme", &["hub", "mirror"], "30s", &[]),
+    )
+    .await;
+    let blobs: Vec<&str> = ["amd64", "arm64"]
+        .iter()
+        .flat_map(|arch| {
+            image
+                .platform(arch)
+                .layers
+                .iter()
+                .map(|l| l.digest.as_str())
+        })
+        .collect();
+    // The first cold blob opens this worker's connection to the mirror if keep-warm has not.
+    let first = app.get(&format!("/v2/acme/app/blobs/{}", blobs[0])).await;
+    assert_eq!(first.status, 307);
+    // Its probe of the mirror finishes in the background: wait for that before counting.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while link.relayed() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mirror was never asked"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let connections = link.accepted();
+    for digest in &blobs[1..] {
+        let relayed = link.relayed();
+        let answer = app.get(&format!("/v2/acme/app/blobs/{digest}")).await;
+        assert_eq!(answer.status, 307);
+        assert_eq!(answer.backend(), "hub");
+        // One probe at a time: let this one's answer arrive (a probe cut off never reads
+        // it) so that the next finds the connection idle in the pool.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while link.relayed() == relayed && std::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let opened = link.accepted() - connections;
+    // Two workers (a request may land on either) and the health prober: at most one new
+    // connection each, never one per blob.
+    assert!(
+        opened <= 3,
+        "{opened} new connections to the mirror for {} cold blobs",
+        blobs.len() - 1
+    );
+}

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 pub struct SlowLink {
     pub port: u16,
     relayed: Arc<AtomicU64>,
+    accepted: Arc<AtomicU64>,
     cut: Arc<AtomicBool>,
 }
 
@@ -25,12 +26,14 @@ impl SlowLink {
         let port = listener.local_addr().unwrap().port();
         let relayed = Arc::new(AtomicU64::new(0));
         let cut = Arc::new(AtomicBool::new(false));
-        let (r, c) = (relayed.clone(), cut.clone());
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (r, c, a) = (relayed.clone(), cut.clone(), accepted.clone());
         std::thread::spawn(move || {
             // Dropping the listener when cut refuses every later connection.
             while !c.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((client, _)) => {
+                        a.fetch_add(1, Ordering::SeqCst);
                         let Ok(backend) = TcpStream::connect(("127.0.0.1", target)) else {
                             continue;
                         };
@@ -47,7 +50,17 @@ impl SlowLink {
                 }
             }
         });
-        SlowLink { port, relayed, cut }
+        SlowLink {
+            port,
+            relayed,
+            accepted,
+            cut,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// Bytes sent toward clients so far.
