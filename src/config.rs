@@ -862,7 +862,11 @@ impl Settings {
         let users = a.users_file.as_ref().and_then(|p| {
             Some((
                 p.clone(),
-                read("auth.users_file".into(), p, 16 * 1024 * 1024)?,
+                read(
+                    "auth.users_file".into(),
+                    p,
+                    crate::auth::USERS_FILE_LIMIT as u64,
+                )?,
             ))
         });
         match crate::auth::Loaded::parse(signing, previous, users) {

@@ -224,6 +224,8 @@ impl Application {
                 })
                 .await
             });
+            let users_gw = gw.clone();
+            actix_web::rt::spawn(async move { users_gw.tokens.watch_users(USERS_CHECK).await });
             let upstream = Upstream::new(&bg.upstream, gw.auth.clone());
             actix_web::rt::spawn(health::run_prober(gw, upstream, bg.health, bg.node_id));
         });
@@ -248,6 +250,9 @@ fn record_limits(settings: &Settings) -> RecordLimits {
         health_ttl: (settings.health.interval * 30).max(std::time::Duration::from_secs(60)),
     }
 }
+
+/// How often `auth.users_file` is checked for changes (a `stat`; read only when changed).
+const USERS_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Longest gap between two keep-warm calls of a worker to a backend (awc closes a pooled
 /// connection idle for 15 s).

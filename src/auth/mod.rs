@@ -29,6 +29,9 @@ use crate::model::{glob_matches, unix_ms, RobotRecord, ROBOT_PRINCIPAL_PREFIX};
 use crate::oci::RepoName;
 use crate::topology::Org;
 
+/// The most of a users file read (as at load time).
+pub const USERS_FILE_LIMIT: usize = 16 * 1024 * 1024;
+
 /// The login name of robot `name`: `robot$name` (a `:` cannot be in a Basic user name).
 pub const ROBOT_LOGIN_PREFIX: &str = "robot$";
 
@@ -36,7 +39,7 @@ pub const ROBOT_LOGIN_PREFIX: &str = "robot$";
 #[derive(Debug)]
 pub struct Loaded {
     pub keys: Option<KeySet>,
-    pub users: Users,
+    pub users: std::sync::Arc<Users>,
 }
 
 impl Loaded {
@@ -84,7 +87,7 @@ impl Loaded {
         }
         Ok(Loaded {
             keys: current.map(|c| KeySet::new(c, previous)),
-            users,
+            users: std::sync::Arc::new(users),
         })
     }
 }
@@ -158,6 +161,9 @@ impl Claims {
 /// The token service and the access checks, shared by every worker.
 pub struct TokenService {
     keys: Option<std::sync::Arc<Loaded>>,
+    /// The users of `auth.users_file`, replaced when the file changes (`watch_users`).
+    users: Option<arc_swap::ArcSwap<Users>>,
+    users_file: Option<String>,
     realm: Option<String>,
     pub service: String,
     pub ttl: Duration,
@@ -167,9 +173,58 @@ impl TokenService {
     pub fn new(settings: &AuthSettings) -> TokenService {
         TokenService {
             keys: settings.loaded.clone(),
+            users: settings
+                .loaded
+                .as_ref()
+                .map(|l| arc_swap::ArcSwap::new(l.users.clone())),
+            users_file: settings.users_file.clone(),
             realm: settings.realm.clone(),
             service: settings.service.clone(),
             ttl: settings.token_ttl,
+        }
+    }
+
+    /// Reads `auth.users_file` again whenever it changes (checked every `every`): added
+    /// users can log in, removed ones lose access at once (every pull checks the user is
+    /// still listed). A file that does not parse leaves the users as they were and is
+    /// reported; runs until the node stops.
+    pub async fn watch_users(&self, every: Duration) {
+        let (Some(path), Some(users)) = (self.users_file.as_deref(), self.users.as_ref()) else {
+            return;
+        };
+        let stamp = |path: &str| {
+            std::fs::metadata(path)
+                .ok()
+                .map(|m| (m.modified().ok(), m.len()))
+        };
+        let mut seen = stamp(path);
+        loop {
+            tokio::time::sleep(every).await;
+            let now = stamp(path);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            let parsed = std::fs::read(path)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| {
+                    if bytes.len() > USERS_FILE_LIMIT {
+                        return Err(format!("larger than {USERS_FILE_LIMIT} bytes"));
+                    }
+                    String::from_utf8(bytes).map_err(|_| "is not UTF-8".to_owned())
+                })
+                .and_then(|text| Users::parse(&text));
+            match parsed {
+                Ok(fresh) => {
+                    tracing::info!(users = fresh.len(), file = path, "users file reloaded");
+                    users.store(std::sync::Arc::new(fresh));
+                }
+                Err(e) => tracing::error!(
+                    file = path,
+                    error = %e,
+                    "auth.users_file changed but cannot be used; the users stay as they were"
+                ),
+            }
         }
     }
 
@@ -182,8 +237,8 @@ impl TokenService {
         self.keys.as_ref().and_then(|l| l.keys.as_ref())
     }
 
-    fn users(&self) -> Option<&Users> {
-        self.keys.as_ref().map(|l| &l.users)
+    fn users(&self) -> Option<std::sync::Arc<Users>> {
+        self.users.as_ref().map(|u| u.load_full())
     }
 
     /// Where clients get tokens: the configured realm, else this request's own origin.
@@ -311,12 +366,12 @@ impl TokenService {
                 && crate::secret::same_bytes(given.as_bytes(), robot.secret_sha256.as_bytes());
             return ok.then(|| Principal::Robot(name.to_owned()));
         }
-        let loaded = self.keys.clone()?;
-        if loaded.users.remembered(user, password) {
+        let users = self.users()?;
+        if users.remembered(user, password) {
             return Some(Principal::User(user.to_owned()));
         }
         let (u, p) = (user.to_owned(), password.to_owned());
-        let ok = actix_web::web::block(move || loaded.users.verify(&u, &p))
+        let ok = actix_web::web::block(move || users.verify(&u, &p))
             .await
             .unwrap_or(false);
         ok.then(|| Principal::User(user.to_owned()))

@@ -827,3 +827,54 @@ async fn failed_logins_past_the_allowance_are_refused_with_429() {
         "pub/app"
     );
 }
+
+/// `auth.users_file` is read again when it changes: a user added can log in, a user
+/// removed loses access at once (with a token still in hand), and a file that does not
+/// parse leaves the users as they were.
+#[actix_web::test]
+async fn the_users_file_is_reloaded_when_it_changes() {
+    let f = fixture(Shape::Anonymous).await;
+    let app = &f.app;
+    let carol = ("carol", "carol-pa55");
+    let manifest = "/v2/acme/app/manifests/1.0";
+    let scope = "repository:acme/app:pull";
+    assert_eq!(token_answer(app, Some(carol), &[]).await.status, 401);
+    let alices = token(app, Some(ALICE), &[scope]).await;
+    let pulled = with_token(app, awc::http::Method::GET, manifest, &alices).await;
+    assert_eq!(pulled.status, 200);
+
+    let mut add = Command::new("htpasswd");
+    add.args(["-B", "-b"])
+        .arg(&f.files.users)
+        .args([carol.0, carol.1]);
+    run_ok(add, Duration::from_secs(30));
+    let mut remove = Command::new("htpasswd");
+    remove.arg("-D").arg(&f.files.users).arg(ALICE.0);
+    run_ok(remove, Duration::from_secs(30));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while token_answer(app, Some(carol), &[]).await.status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "carol, added to the users file, cannot log in after 10 s"
+        );
+        // Each refused login counts against this client's allowance (burst 10).
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    // Alice's token is still signed and unexpired; she is no longer a user.
+    let refused = with_token(app, awc::http::Method::GET, manifest, &alices).await;
+    assert_unauthorized(&refused, "a removed user's token");
+    assert_eq!(token_answer(app, Some(ALICE), &[scope]).await.status, 401);
+
+    // A broken file: reported, and the users stay as they were for the next checks.
+    std::fs::write(&f.files.users, "this is not an htpasswd file\n").unwrap();
+    let watch_until = std::time::Instant::now() + Duration::from_millis(2500);
+    while std::time::Instant::now() < watch_until {
+        assert_eq!(
+            token_answer(app, Some(carol), &[]).await.status,
+            200,
+            "carol lost access to a broken users file"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(token_answer(app, Some(BOB), &[]).await.status, 200);
+}
