@@ -172,12 +172,22 @@ async fn probe_backend(
     gw.state.apply_health(backend.idx, region, record);
 }
 
+/// The most of a `/v2/` answer's body a probe reads (`{}`, or an error document).
+const PROBE_BODY_LIMIT: usize = 64 * 1024;
+
 /// The API answer, then the canary through the delivery path clients would take.
 async fn probe(gw: &Gateway, up: &Upstream, backend: &Backend) -> Probe {
     let started = Instant::now();
     let call = Call::new(Method::GET, "/v2/".into(), None);
-    match up.send_anonymous(backend, &call).await {
-        Ok(r) if r.status() == StatusCode::OK || r.status() == StatusCode::UNAUTHORIZED => {}
+    let latency_us = match up.send_anonymous(backend, &call).await {
+        Ok(mut r) if r.status() == StatusCode::OK || r.status() == StatusCode::UNAUTHORIZED => {
+            let latency_us = started.elapsed().as_micros().min(u32::MAX as u128) as u32;
+            // Read to the end, so that the connection is kept for the next probe: the
+            // latency measured is then a request's on a kept connection, as the workers'
+            // requests are, not a connect's (which varied enough to reorder backends).
+            let _ = r.body().limit(PROBE_BODY_LIMIT).await;
+            latency_us
+        }
         Ok(r) => {
             return Probe::Failed {
                 reason: format!("/v2/ answered {}", r.status()),
@@ -188,8 +198,7 @@ async fn probe(gw: &Gateway, up: &Upstream, backend: &Backend) -> Probe {
                 reason: e.to_string(),
             }
         }
-    }
-    let latency_us = started.elapsed().as_micros().min(u32::MAX as u128) as u32;
+    };
     if let Some((repo, digest)) = &backend.canary {
         if let Err(reason) = fetch_canary(gw, up, backend, repo, digest).await {
             return Probe::Failed {

@@ -23,7 +23,10 @@ async fn stale_mirror_never_serves_an_old_tag() {
     let app = spawn_app(
         &Config::new()
             .backend("hub", &hub, "direct")
-            .backend("mirror", &mirror, "direct")
+            // In another region: ranked after the hub whatever latencies the health checks
+            // measure. (Ranked first, it would be probed for the new digests, answer 404,
+            // and the assertions below could not tell that from a stale tag served.)
+            .backend_in("mirror", &mirror, "direct", "us")
             .org(
                 "acme",
                 &["hub", "mirror"],
