@@ -160,10 +160,18 @@ const WRITE_QUEUE: usize = 10_000;
 /// Store writes in flight at once.
 const WRITES_IN_FLIGHT: usize = 32;
 
+/// How long the writer gathers writes before looking at the queue again while busy.
+const WRITE_TICK: Duration = Duration::from_millis(5);
+
 /// Drains the write queue on a thread of its own (the workers' runtimes are busy with
 /// requests and may be gone when a write finishes); ends when the node drops its sender.
+///
+/// Idle, it waits on the queue, and the first write wakes it. Busy, it takes what the queue
+/// holds every `WRITE_TICK` without waiting on it, so that a request queuing a fact does not
+/// wake this thread: a wake-up per cold request is a cross-core signal, and the other core
+/// is often the one serving the client or the backend.
 fn start_writer(quiet: Arc<AtomicU64>) -> tokio::sync::mpsc::Sender<Write> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Write>(WRITE_QUEUE);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Write>(WRITE_QUEUE);
     let spawned = std::thread::Builder::new()
         .name("regatta-store-writes".into())
         .spawn(move || {
@@ -177,25 +185,51 @@ fn start_writer(quiet: Arc<AtomicU64>) -> tokio::sync::mpsc::Sender<Write> {
                     return;
                 }
             };
-            let writes = futures_util::stream::unfold(rx, |mut rx| async {
-                rx.recv().await.map(|write| (write, rx))
-            });
-            runtime.block_on(futures_util::StreamExt::for_each_concurrent(
-                writes,
-                WRITES_IN_FLIGHT,
-                |(what, write)| {
-                    let quiet = quiet.clone();
-                    async move {
-                        if let Err(e) = write.await {
-                            quiet.store(
-                                unix_ms(SystemTime::now()) + STORE_QUIET_MS,
-                                Ordering::Relaxed,
-                            );
-                            tracing::debug!(error = %e, what, "store write failed");
+            let run = |(what, write): Write| {
+                let quiet = quiet.clone();
+                async move {
+                    if let Err(e) = write.await {
+                        quiet.store(
+                            unix_ms(SystemTime::now()) + STORE_QUIET_MS,
+                            Ordering::Relaxed,
+                        );
+                        tracing::debug!(error = %e, what, "store write failed");
+                    }
+                }
+            };
+            runtime.block_on(async move {
+                let mut in_flight = futures_util::stream::FuturesUnordered::new();
+                let mut open = true;
+                while open || !in_flight.is_empty() {
+                    if open && in_flight.is_empty() {
+                        match rx.recv().await {
+                            Some(write) => in_flight.push(run(write)),
+                            None => open = false,
                         }
                     }
-                },
-            ));
+                    while open && in_flight.len() < WRITES_IN_FLIGHT {
+                        match rx.try_recv() {
+                            Ok(write) => in_flight.push(run(write)),
+                            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                                open = false;
+                            }
+                        }
+                    }
+                    let tick = tokio::time::sleep(WRITE_TICK);
+                    tokio::pin!(tick);
+                    loop {
+                        tokio::select! {
+                            done = futures_util::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {
+                                if done.is_none() {
+                                    break;
+                                }
+                            }
+                            () = &mut tick => break,
+                        }
+                    }
+                }
+            });
         });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the store writer thread; facts stay local");
