@@ -50,6 +50,7 @@ pub struct Timeouts {
     /// How long a client has, from a request's first byte, to send the whole head.
     pub request_head: Duration,
 }
+
 /// A head not complete within this many bytes goes to actix (which answers 431 past its own
 /// limit): a warm request is a few hundred bytes.
 const MAX_HEAD: usize = 16 * 1024;
@@ -91,6 +92,10 @@ where
                 })
                 .finish(map_config(
                     app().into_factory().map_err(|e| e.into().error_response()),
+                    // What `HttpServer` gives its App (plain HTTP, the listener's address
+                    // as host). actix-web builds it with a crate-private constructor; this
+                    // is its public, semver-exempt twin (pinned by Cargo.lock; an upgrade
+                    // that drops it fails to compile, not at run time).
                     move |_| AppConfig::__priv_test_new(false, addr.to_string(), addr),
                 ))
                 .new_service(())
