@@ -213,8 +213,11 @@ impl Application {
         let gw = self.gateway.clone().into_inner();
         let bg = self.background;
         tracing::info!(node = %bg.node_id, store = gw.store.kind(), "node starting");
-        let background = actix_rt::Arbiter::new();
-        background.spawn_fn(move || {
+        // Stopped when this future ends or is dropped unfinished (a runtime that goes away
+        // first, as a test's does): the arbiter's tasks hold the gateway, its store
+        // connections and their reconnect loops.
+        let background = StopOnDrop(actix_rt::Arbiter::new());
+        background.0.spawn_fn(move || {
             let refresher_gw = gw.clone();
             let (state, topology, store) =
                 (gw.state.clone(), gw.topology.clone(), gw.store.clone());
@@ -235,8 +238,17 @@ impl Application {
                 .map(|_| ()),
             None => self.server.await,
         };
-        background.stop();
+        drop(background);
         result
+    }
+}
+
+/// An arbiter stopped when dropped.
+struct StopOnDrop(actix_rt::Arbiter);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
     }
 }
 
