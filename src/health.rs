@@ -172,9 +172,6 @@ async fn probe_backend(
     gw.state.apply_health(backend.idx, region, record);
 }
 
-/// The most of a `/v2/` answer's body a probe reads (`{}`, or an error document).
-const PROBE_BODY_LIMIT: usize = 64 * 1024;
-
 /// The API answer, then the canary through the delivery path clients would take.
 async fn probe(gw: &Gateway, up: &Upstream, backend: &Backend) -> Probe {
     let started = Instant::now();
@@ -185,7 +182,7 @@ async fn probe(gw: &Gateway, up: &Upstream, backend: &Backend) -> Probe {
             // Read to the end, so that the connection is kept for the next probe: the
             // latency measured is then a request's on a kept connection, as the workers'
             // requests are, not a connect's (which varied enough to reorder backends).
-            let _ = r.body().limit(PROBE_BODY_LIMIT).await;
+            crate::upstream::finish(&mut r).await;
             latency_us
         }
         Ok(r) => {

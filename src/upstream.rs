@@ -89,8 +89,15 @@ impl Default for AuthCache {
     }
 }
 
-/// The most of a keep-warm answer's body read (a `/v2/` body is `{}` or an error document).
-const KEEP_WARM_BODY_LIMIT: usize = 64 * 1024;
+/// The most of a small answer's body `finish` reads (a `/v2/` body is `{}` or an error
+/// document).
+const FINISH_BODY_LIMIT: usize = 64 * 1024;
+
+/// Reads a small answer's body to its end and drops it: only then does awc put the
+/// connection back in its pool (an answer dropped unread closes it).
+pub async fn finish(response: &mut Response) {
+    let _ = response.body().limit(FINISH_BODY_LIMIT).await;
+}
 
 pub struct Upstream {
     client: awc::Client,
@@ -216,10 +223,9 @@ impl Upstream {
         let Ok(mut response) = self.send_once(backend, &call, None).await else {
             return;
         };
-        // Read the (small) body to its end: only then does awc put the connection back in
-        // the pool. Dropped unread, the connection was closed, and the next cold request
-        // paid a connect (and the backend an accept) on the critical path.
-        let _ = response.body().limit(KEEP_WARM_BODY_LIMIT).await;
+        // Dropped unread, the connection was closed, and the next cold request paid a
+        // connect (and the backend an accept) on the critical path.
+        finish(&mut response).await;
         if response.status() != StatusCode::UNAUTHORIZED || backend.credentials_are_static() {
             return;
         }
