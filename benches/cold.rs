@@ -9,7 +9,8 @@
 //!
 //! Prints p50/p99 of each and the difference; asserts nothing about time.
 //! Run: `cargo bench --bench cold`. Knobs: COLD_LAYERS (100), COLD_BACKENDS (2; 1 leaves
-//! the mirror out of the org).
+//! the mirror out of the org), COLD_PAUSE (seconds to wait before measuring, to attach a
+//! profiler to the node whose pid is printed).
 
 #![allow(dead_code)]
 
@@ -51,12 +52,13 @@ impl Connection {
 
     /// The status and the time from sending to the end of the answer's head.
     fn ask(&mut self, method: &str, path: &str) -> (u16, Duration) {
-        let started = Instant::now();
-        write!(
-            self.stream,
+        // One write, as HTTP clients send a head (`write!` on the socket would send each
+        // piece of the format as a segment of its own and wake the server for each).
+        let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: regatta-bench\r\n\r\n"
-        )
-        .unwrap();
+        );
+        let started = Instant::now();
+        self.stream.write_all(head.as_bytes()).unwrap();
         let mut status = 0;
         let mut length = 0usize;
         loop {
@@ -78,6 +80,104 @@ impl Connection {
         }
         (status, elapsed)
     }
+}
+
+/// The floor a gateway can reach on this machine: a bare forwarder (tokio, no HTTP library,
+/// no configuration, no logs, no cache) that answers each `GET` by sending a `HEAD` of the same
+/// path to `backend` over its own kept connection and answering 307 (or 404) from the status.
+/// It does what regatta's cold path must do and nothing else; the difference between the two
+/// is what regatta's own code costs.
+fn start_floor(backend: u16) -> u16 {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(forward(client, backend));
+            }
+        });
+    });
+    port
+}
+
+/// Reads one head (up to its blank line) into `buf`, returning its length.
+async fn read_head(io: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(end + 4);
+        }
+        let mut chunk = [0u8; 4096];
+        match io.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+async fn forward(mut client: tokio::net::TcpStream, backend: u16) {
+    use tokio::io::AsyncWriteExt;
+    client.set_nodelay(true).unwrap();
+    let mut upstream = tokio::net::TcpStream::connect(("127.0.0.1", backend))
+        .await
+        .unwrap();
+    upstream.set_nodelay(true).unwrap();
+    let (mut asked, mut answered) = (Vec::new(), Vec::new());
+    while let Some(end) = read_head(&mut client, &mut asked).await {
+        let head = String::from_utf8_lossy(&asked[..end]).into_owned();
+        asked.drain(..end);
+        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+        let probe = format!("HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1:{backend}\r\n\r\n");
+        upstream.write_all(probe.as_bytes()).await.unwrap();
+        let Some(end) = read_head(&mut upstream, &mut answered).await else {
+            return;
+        };
+        let found = answered.starts_with(b"HTTP/1.1 200");
+        answered.drain(..end);
+        let answer = if found {
+            format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{backend}{path}\r\n\
+                 Content-Length: 0\r\n\r\n"
+            )
+        } else {
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_string()
+        };
+        if client.write_all(answer.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Asks `subject` for the even digests of `digests` and the backend directly for the odd
+/// ones, alternating; returns both sets of times, sorted.
+fn interleaved(
+    digests: &[String],
+    direct: &mut Connection,
+    mut subject: impl FnMut(&str) -> Duration,
+) -> (Vec<Duration>, Vec<Duration>) {
+    let (mut through, mut straight) = (Vec::new(), Vec::new());
+    for (i, digest) in digests.iter().enumerate() {
+        let path = format!("/v2/acme/app/blobs/{digest}");
+        if i % 2 == 0 {
+            through.push(subject(&path));
+        } else {
+            let (status, took) = direct.ask("HEAD", &path);
+            assert_eq!(status, 200, "{path} on the backend");
+            straight.push(took);
+        }
+    }
+    through.sort();
+    straight.sort();
+    (through, straight)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -118,52 +218,85 @@ fn main() {
     blobs.dedup();
     let mut gateway = Connection::open(node.port);
     let mut direct = Connection::open(hub_port);
+    let mut floor = Connection::open(start_floor(hub_port));
     // Untimed: both connections and the node's own connections to the backends open.
     let (warm_up, measured) = blobs.split_at(8.min(blobs.len() / 4));
     for (i, digest) in warm_up.iter().enumerate() {
         let path = format!("/v2/acme/app/blobs/{digest}");
-        if i % 2 == 0 {
-            assert_eq!(gateway.ask("GET", &path).0, 307);
-        } else {
-            assert_eq!(direct.ask("HEAD", &path).0, 200);
+        match i % 3 {
+            0 => assert_eq!(gateway.ask("GET", &path).0, 307),
+            1 => assert_eq!(direct.ask("HEAD", &path).0, 200),
+            _ => assert_eq!(floor.ask("GET", &path).0, 307),
         }
     }
-    let (mut through, mut straight) = (Vec::new(), Vec::new());
-    for (i, digest) in measured.iter().enumerate() {
-        let path = format!("/v2/acme/app/blobs/{digest}");
-        if i % 2 == 0 {
-            let (status, took) = gateway.ask("GET", &path);
-            assert_eq!(status, 307, "{path} through regatta");
-            through.push(took);
-        } else {
-            let (status, took) = direct.ask("HEAD", &path);
-            assert_eq!(status, 200, "{path} on the backend");
-            straight.push(took);
-        }
+    // COLD_PAUSE=N: wait N seconds before measuring, so that a profiler (`strace -c -f -p`,
+    // `perf record -p`) can be attached to the node.
+    let pause = env_or("COLD_PAUSE", 0);
+    if pause > 0 {
+        eprintln!("node pid {:?}; measuring in {pause} s", node.proc.pid());
+        std::thread::sleep(Duration::from_secs(pause));
     }
-    through.sort();
-    straight.sort();
-    let (t50, t99) = (percentile(&through, 0.5), percentile(&through, 0.99));
-    let (s50, s99) = (percentile(&straight, 0.5), percentile(&straight, 0.99));
+    // Two passes over fresh digests, each interleaving its subject with a direct HEAD (so
+    // that every subject request has the same spacing): regatta first, then the floor.
+    let (regatta_half, floor_half) = measured.split_at(measured.len() / 2);
+    let mut through_paths = Vec::new();
+    let (through, straight) = interleaved(regatta_half, &mut direct, |path| {
+        let (status, took) = gateway.ask("GET", path);
+        assert_eq!(status, 307, "{path} through regatta");
+        through_paths.push(path.to_string());
+        took
+    });
+    let (bare, straight_too) = interleaved(floor_half, &mut direct, |path| {
+        let (status, took) = floor.ask("GET", path);
+        assert_eq!(status, 307, "{path} through the bare forwarder");
+        took
+    });
+    let p = |v: &[Duration]| (percentile(v, 0.5), percentile(v, 0.99));
+    let ((t50, t99), (s50, s99)) = (p(&through), p(&straight));
+    let ((f50, f99), (d50, d99)) = (p(&bare), p(&straight_too));
     println!(
-        "\ncold blob, {} fresh digests each way, interleaved",
+        "\ncold blob, {} fresh digests each way and pass, interleaved",
         through.len()
     );
     println!("{:<34} {:>10} {:>10}", "", "p50 ms", "p99 ms");
-    println!(
-        "{:<34} {:>10.3} {:>10.3}",
-        "regatta GET (probe + 307)", t50, t99
-    );
-    println!(
-        "{:<34} {:>10.3} {:>10.3}",
-        "direct HEAD on the backend", s50, s99
-    );
-    println!(
-        "{:<34} {:>10.3} {:>10.3}",
-        "regatta - direct",
-        t50 - s50,
-        t99 - s99
-    );
+    for (name, p50, p99) in [
+        ("regatta GET (probe + 307)", t50, t99),
+        ("direct HEAD on the backend", s50, s99),
+        ("regatta - direct", t50 - s50, t99 - s99),
+        ("bare forwarder GET (HEAD + 307)", f50, f99),
+        ("direct HEAD, same pass", d50, d99),
+        ("bare forwarder - direct", f50 - d50, f99 - d99),
+    ] {
+        println!("{name:<34} {p50:>10.3} {p99:>10.3}");
+    }
+    // The hop alone: the same blobs again, now warm (no backend round trip), on the
+    // connection the cold requests used (actix-web's, since the front door handed it over at
+    // the first cold blob) and on a fresh one the front door keeps.
+    let mut fresh = Connection::open(node.port);
+    let (mut actix_warm, mut front_warm) = (Vec::new(), Vec::new());
+    for (i, path) in through_paths.iter().enumerate() {
+        let (on, into) = if i % 2 == 0 {
+            (&mut gateway, &mut actix_warm)
+        } else {
+            (&mut fresh, &mut front_warm)
+        };
+        let (status, took) = on.ask("GET", path);
+        assert_eq!(status, 307, "{path} warm");
+        into.push(took);
+    }
+    actix_warm.sort();
+    front_warm.sort();
+    for (name, samples) in [
+        ("regatta warm 307, actix-web", &actix_warm),
+        ("regatta warm 307, front door", &front_warm),
+    ] {
+        println!(
+            "{:<34} {:>10.3} {:>10.3}",
+            name,
+            percentile(samples, 0.5),
+            percentile(samples, 0.99)
+        );
+    }
     // Where the difference is: the node's own measure of each cold answer (its access log's
     // `micros`, from the request handed to the App to the answer), so what remains of the
     // client's time is the hops to and from the node.

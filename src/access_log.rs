@@ -21,7 +21,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 
 use crate::config::{AccessLogFormat, AccessLogSettings};
 
-/// How often the writer drains the queue.
+/// How often the writer drains the queue while lines keep coming.
 const DRAIN_EVERY: Duration = Duration::from_millis(10);
 
 /// A request's id: the client's own (a sane token) or one this node generated.
@@ -193,15 +193,24 @@ impl Drop for AccessLog {
     }
 }
 
-/// The writer thread: drains the queue every `DRAIN_EVERY`, one write per batch; ends
-/// when every sender is gone and the queue is empty.
+/// The writer thread: while lines keep coming, drains the queue every `DRAIN_EVERY`, one
+/// write per batch; when a drain finds nothing, sleeps until the next line arrives (an idle
+/// node does not wake it 100 times a second; the first line after a quiet spell wakes it).
+/// Ends when every sender is gone and the queue is empty.
 fn write_lines(rx: Receiver<Entry>, format: AccessLogFormat, mut sink: Box<dyn Write + Send>) {
     let mut buf = Vec::with_capacity(64 * 1024);
+    let mut waiting: Option<Entry> = None;
     loop {
         let mut open = true;
+        let mut lines = 0usize;
         loop {
-            match rx.try_recv() {
+            let next = match waiting.take() {
+                Some(entry) => Ok(entry),
+                None => rx.try_recv(),
+            };
+            match next {
                 Ok(entry) => {
+                    lines += 1;
                     format_line(&mut buf, format, &entry);
                     if buf.len() >= 60 * 1024 {
                         flush(&mut sink, &mut buf);
@@ -218,7 +227,14 @@ fn write_lines(rx: Receiver<Entry>, format: AccessLogFormat, mut sink: Box<dyn W
         if !open {
             return;
         }
-        std::thread::sleep(DRAIN_EVERY);
+        if lines == 0 {
+            match rx.recv() {
+                Ok(entry) => waiting = Some(entry),
+                Err(_) => return,
+            }
+        } else {
+            std::thread::sleep(DRAIN_EVERY);
+        }
     }
 }
 
@@ -574,5 +590,71 @@ mod tests {
         assert_eq!(ids.len() as u64 + dropped.get(), 1001, "{ids:?}");
         assert_eq!(ids[0], "0000000000000abc-0");
         assert_eq!(ids[1], "0000000000000abc-1");
+    }
+
+    /// A sink whose writes can be waited for.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<(std::sync::Mutex<Vec<u8>>, std::sync::Condvar)>);
+
+    impl Write for Recorder {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (lock, cond) = &*self.0;
+            lock.lock().unwrap().extend_from_slice(buf);
+            cond.notify_all();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Recorder {
+        /// Waits (up to 10 s) until `lines` lines were written; returns how many were.
+        fn wait_for(&self, lines: usize) -> usize {
+            let (lock, cond) = &*self.0;
+            let count = |w: &Vec<u8>| w.iter().filter(|&&b| b == b'\n').count();
+            let (written, _) = cond
+                .wait_timeout_while(lock.lock().unwrap(), Duration::from_secs(10), |w| {
+                    count(w) < lines
+                })
+                .unwrap();
+            count(&written)
+        }
+    }
+
+    #[test]
+    fn a_writer_asleep_after_a_quiet_spell_writes_the_next_line_and_stops_on_close() {
+        let sink = Recorder::default();
+        let dropped = prometheus::IntCounter::new("dropped", "dropped").unwrap();
+        let mut log = AccessLog::with_sink(
+            AccessLogFormat::Json,
+            8,
+            Box::new(sink.clone()),
+            dropped.clone(),
+        );
+        log.log(entry(0));
+        assert_eq!(sink.wait_for(1), 1, "the first line was not written");
+        // Drains that find nothing put the writer to sleep until a line comes.
+        for round in 1..=3 {
+            std::thread::sleep(DRAIN_EVERY * 5);
+            log.log(entry(round));
+            assert_eq!(
+                sink.wait_for(round as usize + 1),
+                round as usize + 1,
+                "a line after a quiet spell was not written"
+            );
+        }
+        // Closing wakes a sleeping writer, which ends.
+        std::thread::sleep(DRAIN_EVERY * 5);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            log.close();
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "closing did not stop a sleeping writer"
+        );
+        assert_eq!(dropped.get(), 0);
     }
 }
