@@ -180,6 +180,20 @@ fn interleaved(
     (through, straight)
 }
 
+/// CPU time all threads of process `pid` have used (user and kernel), from
+/// `/proc/<pid>/task/*/schedstat`; zero where that cannot be read.
+fn cpu_time(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Duration::ZERO;
+    };
+    let nanos: u64 = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(nanos)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i].as_secs_f64() * 1000.0
@@ -240,12 +254,15 @@ fn main() {
     // that every subject request has the same spacing): regatta first, then the floor.
     let (regatta_half, floor_half) = measured.split_at(measured.len() / 2);
     let mut through_paths = Vec::new();
+    let pid = node.proc.pid().unwrap();
+    let cpu_before = cpu_time(pid);
     let (through, straight) = interleaved(regatta_half, &mut direct, |path| {
         let (status, took) = gateway.ask("GET", path);
         assert_eq!(status, 307, "{path} through regatta");
         through_paths.push(path.to_string());
         took
     });
+    let node_cpu = cpu_time(pid).saturating_sub(cpu_before);
     let (bare, straight_too) = interleaved(floor_half, &mut direct, |path| {
         let (status, took) = floor.ask("GET", path);
         assert_eq!(status, 307, "{path} through the bare forwarder");
@@ -269,6 +286,11 @@ fn main() {
     ] {
         println!("{name:<34} {p50:>10.3} {p99:>10.3}");
     }
+    println!(
+        "{:<34} {:>10.3}",
+        "node CPU per cold request, ms",
+        node_cpu.as_secs_f64() * 1000.0 / through.len() as f64
+    );
     // The hop alone: the same blobs again, now warm (no backend round trip), on the
     // connection the cold requests used (actix-web's, since the front door handed it over at
     // the first cold blob) and on a fresh one the front door keeps.
@@ -284,11 +306,21 @@ fn main() {
         assert_eq!(status, 307, "{path} warm");
         into.push(took);
     }
+    // And after 1 ms of idleness each (the node's worker asleep): what waking it costs.
+    let mut idle_warm = Vec::new();
+    for path in &through_paths {
+        std::thread::sleep(Duration::from_millis(1));
+        let (status, took) = fresh.ask("GET", path);
+        assert_eq!(status, 307, "{path} warm after idling");
+        idle_warm.push(took);
+    }
     actix_warm.sort();
     front_warm.sort();
+    idle_warm.sort();
     for (name, samples) in [
         ("regatta warm 307, actix-web", &actix_warm),
         ("regatta warm 307, front door", &front_warm),
+        ("  the same after 1 ms idle", &idle_warm),
     ] {
         println!(
             "{:<34} {:>10.3} {:>10.3}",
