@@ -213,7 +213,9 @@ impl Drop for AccessLog {
 
 /// The writer thread: drains the queue every `DRAIN_EVERY` while lines keep coming, one
 /// write per batch; each drain that finds nothing doubles the pause (up to `DRAIN_IDLE_MAX`).
-/// Ends when every sender is gone and the queue is empty.
+/// Ends when every sender is gone and the queue is empty. Never inlined: `cargo bench --bench
+/// cost` counts the writer's instructions per line by this function's name.
+#[inline(never)]
 fn write_lines(rx: Receiver<Entry>, format: AccessLogFormat, mut sink: Box<dyn Write + Send>) {
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut pause = DRAIN_EVERY;
