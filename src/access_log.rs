@@ -546,6 +546,7 @@ mod tests {
             cond.notify_all();
             let mut state = cond.wait_while(state, |s| !s.open).unwrap();
             state.written.extend_from_slice(buf);
+            cond.notify_all();
             Ok(buf.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -553,16 +554,44 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_full_queue_drops_and_counts_and_never_blocks() {
-        let gate = Gate::default();
+    impl Gate {
+        /// A gate open from the start: a sink that only records.
+        fn opened() -> Gate {
+            let gate = Gate::default();
+            gate.state.0.lock().unwrap().open = true;
+            gate
+        }
+
+        /// Waits (up to 10 s) until `lines` lines were written; returns how many were.
+        fn wait_for(&self, lines: usize) -> usize {
+            let (lock, cond) = &*self.state;
+            let count = |s: &GateState| s.written.iter().filter(|&&b| b == b'\n').count();
+            let (state, _) = cond
+                .wait_timeout_while(lock.lock().unwrap(), Duration::from_secs(10), |s| {
+                    count(s) < lines
+                })
+                .unwrap();
+            count(&state)
+        }
+    }
+
+    /// An access log of JSON lines holding at most `capacity`, written to `gate`, and its
+    /// dropped-lines counter.
+    fn log_into(gate: &Gate, capacity: usize) -> (AccessLog, prometheus::IntCounter) {
         let dropped = prometheus::IntCounter::new("dropped", "dropped").unwrap();
-        let mut log = AccessLog::with_sink(
+        let log = AccessLog::with_sink(
             AccessLogFormat::Json,
-            8,
+            capacity,
             Box::new(gate.clone()),
             dropped.clone(),
         );
+        (log, dropped)
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_and_never_blocks() {
+        let gate = Gate::default();
+        let (mut log, dropped) = log_into(&gate, 8);
         // The first line reaches the writer, which then blocks on the closed sink.
         log.log(entry(0));
         {
@@ -605,46 +634,10 @@ mod tests {
         assert_eq!(ids[1], "0000000000000abc-1");
     }
 
-    /// A sink whose writes can be waited for.
-    #[derive(Clone, Default)]
-    struct Recorder(Arc<(std::sync::Mutex<Vec<u8>>, std::sync::Condvar)>);
-
-    impl Write for Recorder {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            let (lock, cond) = &*self.0;
-            lock.lock().unwrap().extend_from_slice(buf);
-            cond.notify_all();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Recorder {
-        /// Waits (up to 10 s) until `lines` lines were written; returns how many were.
-        fn wait_for(&self, lines: usize) -> usize {
-            let (lock, cond) = &*self.0;
-            let count = |w: &Vec<u8>| w.iter().filter(|&&b| b == b'\n').count();
-            let (written, _) = cond
-                .wait_timeout_while(lock.lock().unwrap(), Duration::from_secs(10), |w| {
-                    count(w) < lines
-                })
-                .unwrap();
-            count(&written)
-        }
-    }
-
     #[test]
     fn a_writer_idling_after_a_quiet_spell_writes_the_next_line_and_stops_on_close() {
-        let sink = Recorder::default();
-        let dropped = prometheus::IntCounter::new("dropped", "dropped").unwrap();
-        let mut log = AccessLog::with_sink(
-            AccessLogFormat::Json,
-            64,
-            Box::new(sink.clone()),
-            dropped.clone(),
-        );
+        let sink = Gate::opened();
+        let (mut log, dropped) = log_into(&sink, 64);
         log.log(entry(0));
         assert_eq!(sink.wait_for(1), 1, "the first line was not written");
         // Drains that find nothing lengthen the writer's pause; a line still gets written.
