@@ -9,8 +9,8 @@
 //!
 //! Prints p50/p99 of each and the difference; asserts nothing about time.
 //! Run: `cargo bench --bench cold`. Knobs: COLD_LAYERS (100), COLD_BACKENDS (2; 1 leaves
-//! the mirror out of the org), COLD_PAUSE (seconds to wait before measuring, to attach a
-//! profiler to the node whose pid is printed).
+//! the mirror out of the org), COLD_PAUSE (seconds to wait before and after the regatta
+//! pass, to attach a profiler to the node whose pid is printed).
 
 #![allow(dead_code)]
 
@@ -87,11 +87,17 @@ impl Connection {
 /// path to `backend` over its own kept connection and answering 307 (or 404) from the status.
 /// It does what regatta's cold path must do and nothing else; the difference between the two
 /// is what regatta's own code costs.
-fn start_floor(backend: u16) -> u16 {
+/// Returns its port and its thread's `schedstat` file (its CPU time).
+fn start_floor(backend: u16) -> (u16, std::path::PathBuf) {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
     let port = listener.local_addr().unwrap().port();
     listener.set_nonblocking(true).unwrap();
+    let (tell, told) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // `/proc/thread-self` is `<pid>/task/<tid>`.
+        let task = std::fs::read_link("/proc/thread-self").unwrap();
+        tell.send(std::path::Path::new("/proc").join(task).join("schedstat"))
+            .unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -106,7 +112,16 @@ fn start_floor(backend: u16) -> u16 {
             }
         });
     });
-    port
+    (port, told.recv().unwrap())
+}
+
+/// CPU time (user and kernel) from a `schedstat` file; zero where it cannot be read.
+fn schedstat(file: &std::path::Path) -> Duration {
+    let nanos = std::fs::read_to_string(file)
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    Duration::from_nanos(nanos)
 }
 
 /// Reads one head (up to its blank line) into `buf`, returning its length.
@@ -186,12 +201,10 @@ fn cpu_time(pid: u32) -> Duration {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Duration::ZERO;
     };
-    let nanos: u64 = tasks
+    tasks
         .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum();
-    Duration::from_nanos(nanos)
+        .map(|t| schedstat(&t.path().join("schedstat")))
+        .sum()
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -232,7 +245,8 @@ fn main() {
     blobs.dedup();
     let mut gateway = Connection::open(node.port);
     let mut direct = Connection::open(hub_port);
-    let mut floor = Connection::open(start_floor(hub_port));
+    let (floor_port, floor_cpu_file) = start_floor(hub_port);
+    let mut floor = Connection::open(floor_port);
     // Untimed: both connections and the node's own connections to the backends open.
     let (warm_up, measured) = blobs.split_at(8.min(blobs.len() / 4));
     for (i, digest) in warm_up.iter().enumerate() {
@@ -243,8 +257,9 @@ fn main() {
             _ => assert_eq!(floor.ask("GET", &path).0, 307),
         }
     }
-    // COLD_PAUSE=N: wait N seconds before measuring, so that a profiler (`strace -c -f -p`,
-    // `perf record -p`) can be attached to the node.
+    // COLD_PAUSE=N: wait N seconds before and after the regatta pass, so that a profiler
+    // (`strace -c -f -p`, `perf record -p`, `callgrind_control -z`/`-d`) can be attached to
+    // the node and read for that pass alone. Keep N under `server.keep_alive` (5 s).
     let pause = env_or("COLD_PAUSE", 0);
     if pause > 0 {
         eprintln!("node pid {:?}; measuring in {pause} s", node.proc.pid());
@@ -263,11 +278,17 @@ fn main() {
         took
     });
     let node_cpu = cpu_time(pid).saturating_sub(cpu_before);
+    if pause > 0 {
+        eprintln!("regatta pass measured; going on in {pause} s");
+        std::thread::sleep(Duration::from_secs(pause));
+    }
+    let floor_before = schedstat(&floor_cpu_file);
     let (bare, straight_too) = interleaved(floor_half, &mut direct, |path| {
         let (status, took) = floor.ask("GET", path);
         assert_eq!(status, 307, "{path} through the bare forwarder");
         took
     });
+    let floor_cpu = schedstat(&floor_cpu_file).saturating_sub(floor_before);
     let p = |v: &[Duration]| (percentile(v, 0.5), percentile(v, 0.99));
     let ((t50, t99), (s50, s99)) = (p(&through), p(&straight));
     let ((f50, f99), (d50, d99)) = (p(&bare), p(&straight_too));
@@ -286,11 +307,12 @@ fn main() {
     ] {
         println!("{name:<34} {p50:>10.3} {p99:>10.3}");
     }
-    println!(
-        "{:<34} {:>10.3}",
-        "node CPU per cold request, ms",
-        node_cpu.as_secs_f64() * 1000.0 / through.len() as f64
-    );
+    for (name, cpu, n) in [
+        ("node CPU per cold request, ms", node_cpu, through.len()),
+        ("forwarder CPU per request, ms", floor_cpu, bare.len()),
+    ] {
+        println!("{name:<34} {:>10.3}", cpu.as_secs_f64() * 1000.0 / n as f64);
+    }
     // The hop alone: the same blobs again, now warm (no backend round trip), on the
     // connection the cold requests used (actix-web's, since the front door handed it over at
     // the first cold blob) and on a fresh one the front door keeps.

@@ -115,6 +115,17 @@ pub struct Entry {
     pub request_id: RequestId,
 }
 
+/// A request id shown in a span, formatted only when the span is recorded.
+pub struct RequestIdText<'a>(pub &'a RequestId);
+
+impl std::fmt::Display for RequestIdText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut text = Vec::with_capacity(40);
+        self.0.write_to(&mut text);
+        f.write_str(std::str::from_utf8(&text).unwrap_or("-"))
+    }
+}
+
 /// The sending half, shared by every worker.
 pub struct AccessLog {
     queue: Option<Sender<Entry>>,

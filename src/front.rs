@@ -38,8 +38,17 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::access_log::{Entry, RequestId};
-use crate::gateway::{Gateway, Redirect};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use actix_web::HttpResponse;
+
+use crate::access_log::{Entry, RequestId, RequestIdText};
+use crate::api_error::API_VERSION;
+use crate::gateway::{Asked, Gateway, Redirect, Scope, BACKEND_HEADER};
+use crate::oci::{Digest, RepoName};
+use crate::route::{self, Route};
+use crate::upstream::Upstream;
 
 /// The connection timeouts (`server.keep_alive`, `server.request_head_timeout`): the same
 /// for the front door and for actix.
@@ -62,6 +71,7 @@ const MAX_HEADERS: usize = 32;
 /// it.
 pub fn service<F, I, S, B>(
     gateway: web::Data<Gateway>,
+    upstream: web::Data<Upstream>,
     addr: SocketAddr,
     shutdown: GracefulShutdownSignal,
     timeouts: Timeouts,
@@ -79,7 +89,8 @@ where
     B: actix_web::body::MessageBody + 'static,
 {
     fn_factory(move || {
-        let (gateway, shutdown, app) = (gateway.clone(), shutdown.clone(), app.clone());
+        let (gateway, upstream) = (gateway.clone(), upstream.clone());
+        let (shutdown, app) = (shutdown.clone(), app.clone());
         async move {
             let actix_shutdown = shutdown.clone();
             let http = HttpService::<Rewind, _, _>::build()
@@ -103,10 +114,12 @@ where
                 .map_err(|_| tracing::error!("cannot start the registry service on a worker"))?;
             let http = Rc::new(http);
             Ok::<_, ()>(fn_service(move |io: TcpStream| {
-                let (gateway, shutdown, http) = (gateway.clone(), shutdown.clone(), http.clone());
+                let (gateway, upstream) = (gateway.clone(), upstream.clone());
+                let (shutdown, http) = (shutdown.clone(), http.clone());
                 async move {
                     let peer = io.peer_addr().ok();
-                    if let Some((io, read)) = front(io, &gateway, &shutdown, timeouts).await {
+                    let backends = (&gateway, &upstream);
+                    if let Some((io, read)) = front(io, backends, peer, &shutdown, timeouts).await {
                         let replayed = Rewind { read, io };
                         // actix answers (and logs) whatever the front door does not.
                         let _ = http.call((replayed, Protocol::Http1, peer)).await;
@@ -119,23 +132,42 @@ where
 }
 
 /// What a connection's next buffered request is.
-enum Next {
+enum Next<'g> {
     /// A warm redirect, answered into the output; `usize` bytes of input consumed.
     Answered(usize),
+    /// A cold blob `GET` of a public org, whose head is `usize` bytes: the front door asks
+    /// the backends.
+    Cold(usize, Box<Cold<'g>>),
     /// The head is not complete yet.
     Partial,
     /// Anything else: actix's to serve.
     Other,
 }
 
+/// A cold blob `GET` the front door answers: everything it needs, owned, so that the
+/// connection's buffer is free while the backends are asked.
+struct Cold<'g> {
+    scope: Scope<'g>,
+    name: RepoName,
+    digest: Digest,
+    /// The path as sent.
+    path: Box<str>,
+    group: Option<&'g str>,
+    via: &'static str,
+    id: RequestId,
+    started: Instant,
+}
+
 /// Serves warm redirects on `io` until it closes (`None`) or a request needs actix: then
 /// the connection and every byte read but not answered are returned.
 async fn front(
     mut io: TcpStream,
-    gw: &Gateway,
+    (gw, up): (&web::Data<Gateway>, &web::Data<Upstream>),
+    peer: Option<SocketAddr>,
     shutdown: &GracefulShutdownSignal,
     timeouts: Timeouts,
 ) -> Option<(TcpStream, BytesMut)> {
+    let client = peer.map(|p| p.ip());
     let mut read = BytesMut::with_capacity(4096);
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     let stopping = shutdown.notified();
@@ -152,11 +184,27 @@ async fn front(
     tokio::pin!(timer);
     loop {
         loop {
-            match next(&read, woke, gw, &mut out) {
+            match next(&read, woke, gw, client, &mut out) {
                 Next::Answered(used) => {
                     read.advance(used);
                     head_since = None;
                     idle_since = woke;
+                }
+                Next::Cold(used, cold) => {
+                    read.advance(used);
+                    // Answers to the requests before it go first.
+                    if !out.is_empty() {
+                        if io.write_all(&out).await.is_err() {
+                            return None;
+                        }
+                        out.clear();
+                    }
+                    if !answer_cold(&mut io, gw, up, *cold, &mut out).await {
+                        return None;
+                    }
+                    out.clear();
+                    head_since = None;
+                    idle_since = Instant::now();
                 }
                 Next::Partial => break,
                 Next::Other => {
@@ -218,12 +266,16 @@ const REQUEST_TIMEOUT: &[u8] =
 #[derive(Debug, PartialEq, Eq)]
 pub enum Head<'a> {
     /// A plain HTTP/1.1 `GET` the front door may answer: its head is `used` bytes, its
-    /// target `path` and `query` (without `?`), and the client's `X-Request-Id`.
+    /// target `path` and `query` (without `?`), and the client's `X-Request-Id`. `cold`:
+    /// it carries nothing a cold blob's answer depends on beyond its path (no `Range` or
+    /// `If-Range`, no trace context to continue), so the front door may ask the backends
+    /// for it; a warm redirect ignores those headers (a 307 is the answer to any of them).
     Get {
         used: usize,
         path: &'a str,
         query: &'a str,
         request_id: Option<&'a [u8]>,
+        cold: bool,
     },
     /// The head is not complete yet.
     Partial,
@@ -248,10 +300,17 @@ pub fn classify(read: &[u8]) -> Head<'_> {
         return Head::Other;
     };
     let mut request_id = None;
+    let mut cold = true;
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"x-request-id") {
             request_id = Some(h.value);
+        } else if name.eq_ignore_ascii_case(b"range")
+            || name.eq_ignore_ascii_case(b"if-range")
+            || name.eq_ignore_ascii_case(b"traceparent")
+            || name.eq_ignore_ascii_case(b"tracestate")
+        {
+            cold = false;
         } else if name.eq_ignore_ascii_case(b"connection") {
             if !h.value.eq_ignore_ascii_case(b"keep-alive") {
                 return Head::Other;
@@ -277,30 +336,39 @@ pub fn classify(read: &[u8]) -> Head<'_> {
         path,
         query,
         request_id,
+        cold,
     }
 }
 
 /// Answers the first request in `read` into `out` when it is a warm redirect; returns the
 /// bytes of `read` it used (what a connection does per request; `benches/cost.rs` counts it).
 pub fn answer(read: &[u8], gw: &Gateway, out: &mut Vec<u8>) -> Option<usize> {
-    match next(read, Instant::now(), gw, out) {
+    match next(read, Instant::now(), gw, None, out) {
         Next::Answered(used) => Some(used),
-        Next::Partial | Next::Other => None,
+        Next::Cold(..) | Next::Partial | Next::Other => None,
     }
 }
 
-/// Answers the first buffered request into `out` when it is a warm redirect.
-fn next(read: &[u8], started: Instant, gw: &Gateway, out: &mut Vec<u8>) -> Next {
+/// Answers the first buffered request into `out` when it is a warm redirect; says so when
+/// it is a cold blob the front door may answer.
+fn next<'g>(
+    read: &[u8],
+    started: Instant,
+    gw: &'g Gateway,
+    client: Option<IpAddr>,
+    out: &mut Vec<u8>,
+) -> Next<'g> {
     if read.is_empty() {
         return Next::Partial;
     }
-    let (used, path, query, given_id) = match classify(read) {
+    let (used, path, query, given_id, cold) = match classify(read) {
         Head::Get {
             used,
             path,
             query,
             request_id,
-        } => (used, path, query, request_id),
+            cold,
+        } => (used, path, query, request_id, cold),
         Head::Partial => return Next::Partial,
         Head::Other => return Next::Other,
     };
@@ -308,7 +376,31 @@ fn next(read: &[u8], started: Instant, gw: &Gateway, out: &mut Vec<u8>) -> Next 
         return Next::Other;
     };
     let Some(hit) = gw.knowledge.redirect(&routed.path) else {
-        return Next::Other;
+        if !cold {
+            return Next::Other;
+        }
+        let Some(Ok(Route::Blob { name, digest })) = route::parse(&routed.path) else {
+            return Next::Other;
+        };
+        // A private org's requests (an access check first) and a name outside every org
+        // (its error) are actix's.
+        let Some(scope) = Scope::public(gw, &name, client) else {
+            return Next::Other;
+        };
+        gw.metrics.redirect_misses.inc();
+        return Next::Cold(
+            used,
+            Box::new(Cold {
+                scope,
+                name,
+                digest,
+                path: path.into(),
+                group: routed.group,
+                via: routed.via,
+                id: request_id(given_id),
+                started,
+            }),
+        );
     };
     let id = request_id(given_id);
     let at = SystemTime::now();
@@ -362,6 +454,193 @@ pub fn served_warm(
             request_id: id,
         });
     }
+}
+
+/// One answer as its metrics and access log line see it.
+pub struct Served<'a> {
+    pub method: &'a Method,
+    /// The path as sent.
+    pub path: &'a str,
+    /// `blob`, `manifest`, `tags`, `referrers`, `base`, `invalid`, `unknown`.
+    pub route: &'static str,
+    /// The org label: the org or upstream group the request is for, `-` for none.
+    pub org: &'a str,
+    pub group: Option<&'a str>,
+    pub via: &'static str,
+    pub response: &'a HttpResponse,
+    pub started: Instant,
+    pub id: RequestId,
+}
+
+/// The metrics and access log line of every answer but a warm redirect ([`served_warm`]),
+/// whether actix-web's `App` or the front door gave it.
+pub fn served(gw: &Gateway, s: Served<'_>) {
+    let status = s.response.status();
+    let method = crate::metrics::method_label(s.method);
+    gw.metrics
+        .requests
+        .with_label_values(&[s.route, method, status.as_str(), s.org])
+        .inc();
+    let elapsed = s.started.elapsed();
+    gw.metrics
+        .request_seconds
+        .with_label_values(&[s.route])
+        .observe(elapsed.as_secs_f64());
+    if let Some(log) = &gw.access_log {
+        let decision = s
+            .response
+            .extensions()
+            .get::<crate::gateway::Decision>()
+            .map_or("-", |d| d.0);
+        log.log(Entry {
+            at: SystemTime::now(),
+            method: s.method.clone(),
+            path: s.path.into(),
+            route: s.route,
+            org: (s.org != "-").then(|| s.org.into()),
+            ns: s.group.map(Arc::from),
+            via: s.via,
+            status: status.as_u16(),
+            backend: s.response.headers().get(BACKEND_HEADER).cloned(),
+            decision,
+            micros: elapsed.as_micros() as u64,
+            request_id: s.id,
+        });
+    }
+}
+
+/// Answers a cold blob `GET` on `io` as the `App` would (the same gateway function, span,
+/// deadline, headers, metrics and access log line); `false` when the connection cannot go
+/// on (the client left, or a streamed body broke off).
+async fn answer_cold(
+    io: &mut TcpStream,
+    gw: &web::Data<Gateway>,
+    up: &web::Data<Upstream>,
+    cold: Cold<'_>,
+    out: &mut Vec<u8>,
+) -> bool {
+    let span = tracing::info_span!(
+        "request",
+        request_id = %RequestIdText(&cold.id),
+        http.method = "GET",
+        http.target = &*cold.path,
+    );
+    let asked = Asked {
+        path: &cold.path,
+        range: None,
+        gw,
+        up,
+    };
+    let work = crate::gateway::get_public_blob(&cold.scope, &asked, &cold.name, &cold.digest);
+    let mut response = match tracing::Instrument::instrument(work, span).await {
+        Ok(response) => response,
+        Err(e) => actix_web::ResponseError::error_response(&e),
+    };
+    response.headers_mut().insert(
+        actix_web::http::header::HeaderName::from_static("x-request-id"),
+        cold.id.header_value(),
+    );
+    served(
+        gw,
+        Served {
+            method: &Method::GET,
+            path: &cold.path,
+            route: "blob",
+            org: cold.group.unwrap_or(cold.name.org()),
+            group: cold.group,
+            via: cold.via,
+            response: &response,
+            started: cold.started,
+            id: cold.id,
+        },
+    );
+    write_response(io, response, out).await
+}
+
+/// Writes an `App`'s answer as HTTP/1.1 on a kept-alive connection: its status and headers,
+/// `Docker-Distribution-API-Version` and `Date`, and its body (sized, or chunked when its
+/// length is unknown).
+async fn write_response(io: &mut TcpStream, response: HttpResponse, out: &mut Vec<u8>) -> bool {
+    use actix_web::body::{BodySize, MessageBody};
+    use actix_web::http::header;
+    let status = response.status();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let headers = response.headers();
+    for (name, value) in headers.iter() {
+        if matches!(
+            *name,
+            header::CONTENT_LENGTH | header::TRANSFER_ENCODING | header::CONNECTION | header::DATE
+        ) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !headers.contains_key(API_VERSION.0) {
+        out.extend_from_slice(b"docker-distribution-api-version: registry/2.0\r\n");
+    }
+    out.extend_from_slice(b"date: ");
+    write_date(out, SystemTime::now());
+    let body = response.into_body();
+    let chunked = match body.size() {
+        BodySize::None => {
+            out.extend_from_slice(b"\r\n\r\n");
+            false
+        }
+        BodySize::Sized(len) => {
+            out.extend_from_slice(b"\r\ncontent-length: ");
+            out.extend_from_slice(len.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n\r\n");
+            false
+        }
+        BodySize::Stream => {
+            out.extend_from_slice(b"\r\ntransfer-encoding: chunked\r\n\r\n");
+            true
+        }
+    };
+    // A body in one piece (an error's JSON, an empty redirect) goes out with its head.
+    let mut body = match body.try_into_bytes() {
+        Ok(bytes) => {
+            out.extend_from_slice(&bytes);
+            return io.write_all(out).await.is_ok();
+        }
+        Err(body) => body,
+    };
+    if io.write_all(out).await.is_err() {
+        return false;
+    }
+    loop {
+        let chunk = std::future::poll_fn(|cx| Pin::new(&mut body).poll_next(cx)).await;
+        let bytes = match chunk {
+            None => break,
+            Some(Ok(bytes)) => bytes,
+            // A backend that broke off mid-blob: the client sees a short body and retries.
+            Some(Err(_)) => return false,
+        };
+        if bytes.is_empty() {
+            continue;
+        }
+        let written = if chunked {
+            // One write per chunk: its size line, the bytes and the line end.
+            out.clear();
+            out.extend_from_slice(format!("{:x}\r\n", bytes.len()).as_bytes());
+            out.extend_from_slice(&bytes);
+            out.extend_from_slice(b"\r\n");
+            io.write_all(out).await
+        } else {
+            io.write_all(&bytes).await
+        };
+        if written.is_err() {
+            return false;
+        }
+    }
+    !chunked || io.write_all(b"0\r\n\r\n").await.is_ok()
 }
 
 /// The client's `X-Request-Id` when it is a sane token, else a fresh one.
@@ -483,6 +762,7 @@ mod tests {
                 path: "/v2/a/b/blobs/sha256:aa",
                 query: "",
                 request_id: Some(&b"r-1"[..]),
+                cold: true,
             }
         );
         let ns =
@@ -495,6 +775,18 @@ mod tests {
                 ..
             }
         ));
+        for warm_only in [
+            &b"GET /v2/a/b/blobs/d HTTP/1.1\r\nRange: bytes=0-9\r\n\r\n"[..],
+            b"GET /v2/a/b/blobs/d HTTP/1.1\r\nIf-Range: \"x\"\r\n\r\n",
+            b"GET /v2/a/b/blobs/d HTTP/1.1\r\ntraceparent: 00-ab-cd-01\r\n\r\n",
+            b"GET /v2/a/b/blobs/d HTTP/1.1\r\nTraceState: k=v\r\n\r\n",
+        ] {
+            assert!(
+                matches!(classify(warm_only), Head::Get { cold: false, .. }),
+                "{}",
+                String::from_utf8_lossy(warm_only)
+            );
+        }
         assert_eq!(classify(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n"), Head::Partial);
         assert_eq!(classify(b"GE"), Head::Partial);
         for other in [

@@ -32,7 +32,7 @@ pub const TARGETS: &[(&str, Target)] = &[
 /// it would answer is a complete HTTP/1.1 GET head of at most the bytes given, whose target
 /// is the path and query it reports (an origin-form path, a query of plain bytes), and
 /// nothing it let through carries a body, `Expect`, `Upgrade` or a `Connection` other than
-/// keep-alive.
+/// keep-alive; one it may answer cold carries no `Range`, `If-Range` or trace context.
 pub fn front_head(data: &[u8]) {
     use crate::front::{classify, Head};
     let Head::Get {
@@ -40,6 +40,7 @@ pub fn front_head(data: &[u8]) {
         path,
         query,
         request_id,
+        cold,
     } = classify(data)
     else {
         return;
@@ -73,6 +74,12 @@ pub fn front_head(data: &[u8]) {
         }
         if name == "x-request-id" {
             assert!(request_id.is_some());
+        }
+        if matches!(
+            name.as_str(),
+            "range" | "if-range" | "traceparent" | "tracestate"
+        ) {
+            assert!(!cold, "{name} let through to the cold path");
         }
     }
 }

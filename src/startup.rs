@@ -11,7 +11,7 @@ use actix_web::http::{Method, StatusCode};
 use actix_web::middleware::DefaultHeaders;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 
-use crate::access_log::{Entry, RequestId};
+use crate::access_log::{RequestId, RequestIdText};
 use crate::admin::{self, AdminToken};
 use crate::api_error::{ApiError, API_VERSION};
 use crate::config::{HealthSettings, Settings, UpstreamSettings};
@@ -76,7 +76,9 @@ impl Application {
             let upstream = web::Data::new(Upstream::new(&upstream_settings, auth.clone()));
             keep_connections_warm(api_gateway.clone(), upstream.clone(), keep_warm_every);
             let gateway = api_gateway.clone();
-            move || registry_app_sharing(gateway.clone(), upstream.clone())
+            let app_upstream = upstream.clone();
+            let app = move || registry_app_sharing(gateway.clone(), app_upstream.clone());
+            (upstream, app)
         };
         // After the grace period, requests still in flight get as long again to finish.
         let stop_within = settings.server.shutdown_grace.as_secs().max(1);
@@ -86,7 +88,7 @@ impl Application {
         };
         let server = match (&settings.server.tls_cert, &settings.server.tls_key) {
             (Some(cert), Some(key)) => {
-                let mut server = HttpServer::new(move || worker_app()())
+                let mut server = HttpServer::new(move || worker_app().1())
                     .keep_alive(timeouts.keep_alive)
                     .client_request_timeout(timeouts.request_head)
                     .listen_rustls_0_23(listener, tls_config(cert, key)?)?;
@@ -95,19 +97,21 @@ impl Application {
                 }
                 server.disable_signals().shutdown_timeout(stop_within).run()
             }
-            // Plain HTTP: warm redirects are answered by the front door (`front`), the rest
-            // by the same App behind actix-http.
+            // Plain HTTP: warm redirects and cold blob GETs of public orgs are answered by
+            // the front door (`front`), the rest by the same App behind actix-http.
             _ => {
                 let mut builder = actix_server::Server::build();
                 let shutdown = builder.graceful_shutdown_signal();
                 let gateway = gateway.clone();
                 builder = builder.listen("regatta-registry", listener, move || {
+                    let (upstream, app) = worker_app();
                     crate::front::service(
                         gateway.clone(),
+                        upstream,
                         addr,
                         shutdown.clone(),
                         timeouts,
-                        worker_app(),
+                        app,
                     )
                 })?;
                 if let Some(workers) = settings.server.workers {
@@ -428,41 +432,20 @@ async fn dispatch(
     response
         .headers_mut()
         .insert(REQUEST_ID_HEADER, id.header_value());
-    let org = group.unwrap_or_else(|| org_label(&gw, req.path()));
-    gw.metrics
-        .requests
-        .with_label_values(&[
+    crate::front::served(
+        &gw,
+        crate::front::Served {
+            method: req.method(),
+            path: req.path(),
             route,
-            crate::metrics::method_label(req.method()),
-            response.status().as_str(),
-            org,
-        ])
-        .inc();
-    let elapsed = started.elapsed();
-    gw.metrics
-        .request_seconds
-        .with_label_values(&[route])
-        .observe(elapsed.as_secs_f64());
-    if let Some(log) = &gw.access_log {
-        let decision = response
-            .extensions()
-            .get::<gateway::Decision>()
-            .map_or("-", |d| d.0);
-        log.log(Entry {
-            at: std::time::SystemTime::now(),
-            method: req.method().clone(),
-            path: req.path().into(),
-            route,
-            org: (org != "-").then(|| org.into()),
-            ns: group.map(Arc::from),
+            org: group.unwrap_or_else(|| org_label(&gw, req.path())),
+            group,
             via,
-            status: response.status().as_u16(),
-            backend: response.headers().get(gateway::BACKEND_HEADER).cloned(),
-            decision,
-            micros: elapsed.as_micros() as u64,
-            request_id: id,
-        });
-    }
+            response: &response,
+            started,
+            id,
+        },
+    );
     response
 }
 
@@ -471,17 +454,6 @@ fn route_kind(path: &str) -> &'static str {
     match route::parse(path) {
         Some(Ok(route)) => route.kind(),
         _ => "invalid",
-    }
-}
-
-/// A request id shown in a span, formatted only when the span is recorded.
-struct RequestIdText<'a>(&'a RequestId);
-
-impl std::fmt::Display for RequestIdText<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut text = Vec::with_capacity(40);
-        self.0.write_to(&mut text);
-        f.write_str(std::str::from_utf8(&text).unwrap_or("-"))
     }
 }
 
@@ -503,8 +475,8 @@ fn org_label<'a>(gw: &Gateway, path: &'a str) -> &'a str {
 async fn answer(
     req: &HttpRequest,
     path: &str,
-    gw: &Gateway,
-    up: &Upstream,
+    gw: &web::Data<Gateway>,
+    up: &web::Data<Upstream>,
 ) -> (&'static str, Result<HttpResponse, ApiError>) {
     let Some(parsed) = route::parse(path) else {
         return (
@@ -519,21 +491,7 @@ async fn answer(
         Ok(route) => {
             let kind = route.kind();
             let work = gateway::handle(gw, up, req, route);
-            match tokio::time::timeout(gw.request_deadline, work).await {
-                Ok(result) => (kind, result),
-                Err(_) => {
-                    tracing::warn!(
-                        deadline_ms = gw.request_deadline.as_millis() as u64,
-                        "request deadline passed; backends too slow"
-                    );
-                    (
-                        kind,
-                        Err(ApiError::Unavailable(
-                            "the backends did not answer within the request deadline".into(),
-                        )),
-                    )
-                }
-            }
+            (kind, gateway::within_deadline(gw, work).await)
         }
         // A write to a malformed path is still first of all a write.
         Err(_) if !matches!(*req.method(), Method::GET | Method::HEAD) => (

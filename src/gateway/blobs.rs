@@ -8,8 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix_web::body::SizedStream;
 use actix_web::http::header;
+use actix_web::http::header::HeaderValue;
 use actix_web::http::{Method, StatusCode};
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use futures_util::{FutureExt as _, StreamExt as _};
@@ -23,15 +24,26 @@ use crate::oci::{Digest, RepoName};
 use crate::topology::{Backend, Credentials, Org};
 use crate::upstream::{header_str, Call, Response, Upstream};
 
-pub(super) async fn serve(
+/// What a blob request brings besides its route: the same whether actix-web's `App` or the
+/// front door (`crate::front`) read it.
+pub struct Asked<'r> {
+    /// The path as the client sent it.
+    pub path: &'r str,
+    /// The client's `Range`, passed on when the blob is streamed through.
+    pub range: Option<&'r HeaderValue>,
+    /// Owned handles, so that a probe can outlive the request.
+    pub gw: &'r web::Data<Gateway>,
+    pub up: &'r web::Data<Upstream>,
+}
+
+pub(crate) async fn serve(
     s: &Scope<'_>,
-    up: &Upstream,
-    req: &HttpRequest,
+    req: &Asked<'_>,
     name: &RepoName,
     digest: &Digest,
     head: bool,
 ) -> Result<HttpResponse, ApiError> {
-    let gw = s.gw;
+    let (gw, up) = (s.gw, &***req.up);
     let org = &*s.org;
     // Read before deciding: a decision made while something changed is not reused.
     let epoch = gw.knowledge.epoch();
@@ -127,7 +139,7 @@ fn count_decision(gw: &Gateway, b: BackendIdx, reason: &str) {
 /// seconds, and never past the pre-signed URL's own lifetime.
 fn remember_redirect(
     gw: &Gateway,
-    req: &HttpRequest,
+    req: &Asked<'_>,
     name: &RepoName,
     b: BackendIdx,
     digest: &Digest,
@@ -164,7 +176,7 @@ fn remember_redirect(
     let key = if gw.topology.upstreams.group(name.org()).is_some() {
         std::borrow::Cow::Owned(format!("/v2/{name}/blobs/{digest}"))
     } else {
-        std::borrow::Cow::Borrowed(req.path())
+        std::borrow::Cow::Borrowed(req.path)
     };
     gw.knowledge.keep_redirect(
         &key,
@@ -194,7 +206,7 @@ enum Failure {
 /// backends that answered in time.
 async fn probe(
     s: &Scope<'_>,
-    req: &HttpRequest,
+    req: &Asked<'_>,
     name: &RepoName,
     digest: &Digest,
     backends: &[BackendIdx],
@@ -205,14 +217,8 @@ async fn probe(
         Result<Response, crate::upstream::UpstreamError>,
     );
     let gw = s.gw;
-    // Owned handles, so that a probe can outlive this request (the App always has both).
-    let (Some(gw_data), Some(up)) = (
-        req.app_data::<web::Data<Gateway>>().cloned(),
-        req.app_data::<web::Data<Upstream>>().cloned(),
-    ) else {
-        tracing::error!("blob probe without the gateway or backend client in app data");
-        return Vec::new();
-    };
+    // Owned handles, so that a probe can outlive this request.
+    let (gw_data, up) = (req.gw.clone(), req.up.clone());
     let mut answered = Vec::with_capacity(backends.len());
     let mut holdings: Vec<Option<Holding>> = vec![None; backends.len()];
     let mut answers: futures_util::stream::FuturesUnordered<LocalBoxFuture<'static, Answer>> =
@@ -383,7 +389,7 @@ async fn size_from_backend(
 async fn deliver(
     gw: &Gateway,
     up: &Upstream,
-    req: &HttpRequest,
+    req: &Asked<'_>,
     org: &Org,
     b: BackendIdx,
     name: &RepoName,
@@ -476,7 +482,7 @@ enum Fetch {
 async fn fetch_blob(
     gw: &Gateway,
     up: &Upstream,
-    req: &HttpRequest,
+    req: &Asked<'_>,
     backend: &Backend,
     repo: &str,
     digest: &Digest,
@@ -489,7 +495,7 @@ async fn fetch_blob(
         Some(repo),
     );
     call.raw = true;
-    if let Some(range) = req.headers().get(header::RANGE) {
+    if let Some(range) = req.range {
         call = call.header(header::RANGE, range.clone());
     }
     let mut response = gw
@@ -520,7 +526,7 @@ async fn fetch_blob(
             gw.knowledge.learn_detected(backend.idx, Detected::Resolve);
         }
         let mut get = up.get_absolute(backend, &url);
-        if let Some(range) = req.headers().get(header::RANGE) {
+        if let Some(range) = req.range {
             get = get.insert_header((header::RANGE, range.clone()));
         }
         response = get

@@ -16,7 +16,7 @@ use actix_web::http::Method;
 use actix_web::HttpRequest;
 
 /// Pure parsing of backend answers, for the fuzz targets (`crate::fuzzing`).
-pub use blobs::presigned_lifetime;
+pub use blobs::{presigned_lifetime, Asked};
 pub use knowledge::{Detected, Knowledge, Manifest, Redirect};
 pub use manifests::{platform_manifest, references as manifest_references};
 
@@ -152,6 +152,23 @@ impl<'g> Scope<'g> {
         })
     }
 
+    /// The scope of a request for `name` in a public org (no access check to make), or
+    /// `None` when the name is in no org or in a private one.
+    pub(crate) fn public(
+        gw: &'g Gateway,
+        name: &RepoName,
+        client: Option<std::net::IpAddr>,
+    ) -> Option<Scope<'g>> {
+        let snapshot = gw.state.load_full();
+        let org = snapshot.orgs.get(name.org()).cloned()?;
+        org.policy.access.is_public().then_some(Scope {
+            gw,
+            snapshot,
+            org,
+            client,
+        })
+    }
+
     /// Charges the client one cold lookup (a call this request must make to the backends),
     /// or refuses with 429 when its allowance is spent.
     fn spend_cold(&self) -> Result<(), ApiError> {
@@ -275,11 +292,11 @@ impl Gateway {
     }
 
     /// The same from a request's path and query string as sent.
-    pub fn route_parts<'r>(
-        &'r self,
-        path: &'r str,
+    pub fn route_parts<'p>(
+        &self,
+        path: &'p str,
         query: &str,
-    ) -> Result<crate::mirror::Routed<'r, 'r>, ApiError> {
+    ) -> Result<crate::mirror::Routed<'p, '_>, ApiError> {
         let upstreams = &self.topology.upstreams;
         if upstreams.is_empty() {
             return Ok(crate::mirror::Routed::as_sent(path));
@@ -295,10 +312,40 @@ impl Gateway {
     }
 }
 
+/// `work` within the request deadline (`upstream.request_deadline`), else 503.
+pub async fn within_deadline<F>(gw: &Gateway, work: F) -> Result<actix_web::HttpResponse, ApiError>
+where
+    F: std::future::Future<Output = Result<actix_web::HttpResponse, ApiError>>,
+{
+    match tokio::time::timeout(gw.request_deadline, work).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(
+                deadline_ms = gw.request_deadline.as_millis() as u64,
+                "request deadline passed; backends too slow"
+            );
+            Err(ApiError::Unavailable(
+                "the backends did not answer within the request deadline".into(),
+            ))
+        }
+    }
+}
+
+/// A blob `GET` of a public org as the front door reads it (`crate::front`): the same
+/// answer as [`handle`] gives it, within the request deadline.
+pub(crate) async fn get_public_blob(
+    scope: &Scope<'_>,
+    asked: &Asked<'_>,
+    name: &RepoName,
+    digest: &Digest,
+) -> Result<actix_web::HttpResponse, ApiError> {
+    within_deadline(scope.gw, blobs::serve(scope, asked, name, digest, false)).await
+}
+
 /// Answers one registry API request.
 pub async fn handle(
-    gw: &Gateway,
-    up: &Upstream,
+    gw: &actix_web::web::Data<Gateway>,
+    up: &actix_web::web::Data<Upstream>,
     req: &HttpRequest,
     route: Route,
 ) -> Result<actix_web::HttpResponse, ApiError> {
@@ -325,7 +372,13 @@ pub async fn handle(
         }
         Route::Blob { name, digest } => {
             let scope = Scope::new(gw, &name, req)?;
-            blobs::serve(&scope, up, req, &name, &digest, head).await
+            let asked = Asked {
+                path: req.path(),
+                range: req.headers().get(actix_web::http::header::RANGE),
+                gw,
+                up,
+            };
+            blobs::serve(&scope, &asked, &name, &digest, head).await
         }
         Route::Tags { name } => listing::tags(&Scope::new(gw, &name, req)?, up, req, &name).await,
         Route::Referrers { name, digest } => {

@@ -1,12 +1,13 @@
-//! The plain listener's front door (`src/front.rs`): warm redirects answered from the socket,
-//! everything else handed to actix on the same connection, in order, with nothing lost.
+//! The plain listener's front door (`src/front.rs`): warm redirects and cold blob GETs of
+//! public orgs answered from the socket, everything else handed to actix on the same
+//! connection, in order, with nothing lost.
 
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{spawn_app, Config, TestApp};
+use crate::helpers::{metric, spawn_app, Config, TestApp};
 use crate::images;
 use crate::registry::{Registry, Shape};
 
@@ -291,4 +292,92 @@ async fn a_graceful_stop_closes_idle_connections() {
     let closed = read_to_close(&mut conn, Duration::from_secs(10));
     let (_, after) = futures_util::future::join(app.stop(), closed).await;
     assert!(after.is_empty(), "{}", String::from_utf8_lossy(&after));
+}
+
+/// Cold blob GETs of public orgs are answered by the front door (no hand-over to actix)
+/// with what the App would give. Pipelined on one connection: a redirect (direct delivery),
+/// a blob streamed through (proxy delivery: its bytes hash to its digest), an unknown blob's
+/// OCI error, and the base route (actix's, after them); in order, with the request id, API
+/// version and date headers, and each counted once in the request metrics.
+#[actix_web::test]
+async fn cold_blobs_of_public_orgs_are_answered_as_the_app_would() {
+    let hub = Registry::start(Shape::Anonymous, None);
+    let work = tempfile::tempdir().unwrap();
+    let image = images::multiarch(&work.path().join("image"), "cold", "1.0", 1, 4096);
+    hub.push(&image, "acme/app", "1.0");
+    hub.push(&image, "piped/app", "1.0");
+    let app = spawn_app(
+        &Config::new()
+            .backend("hub", &hub, "direct")
+            .backend("through", &hub, "proxy")
+            .org("acme", &["hub"], "30s", &[])
+            .org("piped", &["through"], "30s", &[])
+            .admin(),
+    )
+    .await;
+    let redirected = &image.platform("amd64").layers[0];
+    let streamed = &image.platform("arm64").layers[0];
+    let unknown = format!("sha256:{}", "0a".repeat(32));
+    let mut conn = TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
+    let requests = format!(
+        "GET /v2/acme/app/blobs/{} HTTP/1.1\r\nHost: x\r\nX-Request-Id: cold-1\r\n\r\n\
+         GET /v2/piped/app/blobs/{} HTTP/1.1\r\nHost: x\r\nX-Request-Id: cold-2\r\n\r\n\
+         GET /v2/acme/app/blobs/{unknown} HTTP/1.1\r\nHost: x\r\nX-Request-Id: cold-3\r\n\r\n\
+         GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n",
+        redirected.digest, streamed.digest
+    );
+    conn.write_all(requests.as_bytes()).await.unwrap();
+    let answers = read_responses(&mut conn, &[false, false, false, false]).await;
+
+    let location = format!("{}/v2/acme/app/blobs/{}", hub.url(), redirected.digest);
+    assert_eq!(answers[0].status, 307, "{:?}", answers[0]);
+    assert_eq!(answers[0].header("location"), Some(location.as_str()));
+    assert_eq!(answers[0].header("x-regatta-backend"), Some("hub"));
+    assert_eq!(answers[0].header("content-length"), Some("0"));
+
+    assert_eq!(answers[1].status, 200, "{:?}", answers[1].headers);
+    assert_eq!(answers[1].header("x-regatta-backend"), Some("through"));
+    assert_eq!(
+        answers[1].header("docker-content-digest"),
+        Some(streamed.digest.as_str())
+    );
+    assert_eq!(answers[1].body.len() as u64, streamed.size);
+    assert_eq!(images::sha256(&answers[1].body), streamed.digest);
+
+    assert_eq!(answers[2].status, 404, "{:?}", answers[2]);
+    assert_eq!(answers[2].header("content-type"), Some("application/json"));
+    let error: serde_json::Value = serde_json::from_slice(&answers[2].body).unwrap();
+    assert_eq!(error["errors"][0]["code"], "BLOB_UNKNOWN", "{error}");
+
+    assert_eq!((answers[3].status, &answers[3].body[..]), (200, &b"{}"[..]));
+    for (i, a) in answers.iter().enumerate() {
+        if i < 3 {
+            let id = format!("cold-{}", i + 1);
+            assert_eq!(a.header("x-request-id"), Some(id.as_str()), "answer {i}");
+        }
+        assert_eq!(
+            a.header("docker-distribution-api-version"),
+            Some("registry/2.0"),
+            "answer {i}"
+        );
+        assert!(
+            a.header("date").is_some_and(|d| d.ends_with(" GMT")),
+            "answer {i}"
+        );
+    }
+
+    let metrics = app.metrics().await;
+    for (status, org) in [("307", "acme"), ("200", "piped"), ("404", "acme")] {
+        let labels = [
+            ("route", "blob"),
+            ("method", "GET"),
+            ("status", status),
+            ("org", org),
+        ];
+        assert_eq!(
+            metric(&metrics, "regatta_requests_total", &labels),
+            Some(1.0),
+            "blob GET {status} of {org} counted once"
+        );
+    }
 }
