@@ -13,6 +13,7 @@ pub mod front;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gateway;
+pub mod head_client;
 pub mod health;
 pub mod limits;
 pub mod metrics;

@@ -178,6 +178,12 @@ impl Topology {
 
 /// A TLS client configuration trusting the public (webpki) roots and `extra` CAs, with the
 /// ALPN protocols awc offers by default.
+/// The TLS configuration of a backend that names no CA bundle: the public roots.
+pub fn public_roots() -> Arc<rustls::ClientConfig> {
+    static PUBLIC: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    PUBLIC.get_or_init(|| tls_trusting(&[])).clone()
+}
+
 fn tls_trusting(extra: &[rustls_pki_types::CertificateDer<'static>]) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),

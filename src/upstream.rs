@@ -101,6 +101,8 @@ pub async fn finish(response: &mut Response) {
 
 pub struct Upstream {
     client: awc::Client,
+    /// Blob probes and their kept connections (`head_client`).
+    heads: crate::head_client::HeadClient,
     /// Clients of backends that trust a CA of their own (`tls_ca`), made on first use.
     tls_clients: RefCell<HashMap<BackendIdx, awc::Client>>,
     settings: UpstreamSettings,
@@ -142,6 +144,7 @@ impl Upstream {
     pub fn new(settings: &UpstreamSettings, auth: Arc<AuthCache>) -> Self {
         Upstream {
             client: make_client(settings, None),
+            heads: crate::head_client::HeadClient::new(settings),
             tls_clients: RefCell::new(HashMap::new()),
             settings: settings.clone(),
             auth,
@@ -181,27 +184,82 @@ impl Upstream {
         if response.status() != StatusCode::UNAUTHORIZED || backend.credentials_are_static() {
             return Ok(response);
         }
-        let Some(challenge) = response
+        let challenge = response
             .headers()
             .get(header::WWW_AUTHENTICATE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_challenge)
-        else {
-            return Ok(response);
+            .and_then(|v| v.to_str().ok());
+        match self
+            .answer_challenge(backend, challenge, scope.as_deref(), auth.as_ref())
+            .await?
+        {
+            Some(retry) => self.send_once(backend, call, Some(&retry)).await,
+            None => Ok(response),
+        }
+    }
+
+    /// After a 401 carrying `challenge` to a call that sent `sent`: the credentials to try
+    /// once more with, if any. The challenge is learned; a token we sent may have been
+    /// revoked early, so a fresh one is fetched; a call that went without one (the challenge
+    /// was not known yet when it left) takes whatever token another call fetched meanwhile.
+    async fn answer_challenge(
+        &self,
+        backend: &Backend,
+        challenge: Option<&str>,
+        scope: Option<&str>,
+        sent: Option<&HeaderValue>,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
+        let Some(challenge) = challenge.and_then(parse_challenge) else {
+            return Ok(None);
         };
         let learned = self.auth.challenges.get(&backend.idx).as_ref() != Some(&challenge);
         self.auth.challenges.insert(backend.idx, challenge);
-        // A token we sent may have been revoked early: fetch a fresh one and try once more.
-        // A call that went without one (the challenge was not known yet when it left) takes
-        // whatever token another call fetched meanwhile.
-        let refresh = auth.is_some() && !learned;
-        let retry = self
-            .authorization(backend, scope.as_deref(), refresh)
-            .await?;
-        if retry.is_none() || retry == auth {
-            return Ok(response);
+        let refresh = sent.is_some() && !learned;
+        let retry = self.authorization(backend, scope, refresh).await?;
+        Ok(retry.filter(|r| Some(r) != sent))
+    }
+
+    /// A blob probe: `HEAD {path}` on `backend` (for repository `repo`) on this worker's
+    /// kept connections (`head_client`), with the credentials `send` would use, answering
+    /// the backend's challenge once as `send` does.
+    pub async fn probe(
+        &self,
+        backend: &Backend,
+        path: &str,
+        repo: &str,
+    ) -> Result<crate::head_client::Answer, UpstreamError> {
+        let scope = format!("repository:{repo}:pull");
+        let auth = self.authorization(backend, Some(&scope), false).await?;
+        let span = tracing::info_span!(
+            "backend_call",
+            backend = &*backend.id,
+            http.method = "HEAD",
+            http.target = path,
+        );
+        let attempt = |auth: Option<HeaderValue>| {
+            let call = async move {
+                let trace = crate::telemetry::trace_headers();
+                self.heads
+                    .head(backend, path, auth.as_ref(), &trace)
+                    .await
+                    .map_err(|reason| UpstreamError::Unreachable {
+                        backend: backend.id.clone(),
+                        reason,
+                    })
+            };
+            tracing::Instrument::instrument(call, span.clone())
+        };
+        let answer = attempt(auth.clone()).await?;
+        if answer.status != StatusCode::UNAUTHORIZED || backend.credentials_are_static() {
+            return Ok(answer);
         }
-        self.send_once(backend, call, retry.as_ref()).await
+        let challenge = answer.challenge.as_deref();
+        match self
+            .answer_challenge(backend, challenge, Some(&scope), auth.as_ref())
+            .await?
+        {
+            Some(retry) => attempt(Some(retry)).await,
+            None => Ok(answer),
+        }
     }
 
     /// Sends `call` with no credentials at all (used to learn how a backend treats
@@ -214,11 +272,13 @@ impl Upstream {
         self.send_once(backend, call, None).await
     }
 
-    /// Opens (or keeps open) this worker's pooled connection to `backend` with an anonymous
-    /// `GET /v2/`, and learns the backend's authentication challenge from a 401, so that the
+    /// Opens (or keeps open) this worker's pooled connections to `backend` (awc's and the
+    /// blob probes') with an anonymous `GET /v2/` and `HEAD /v2/`, and learns the backend's authentication challenge from a 401, so that the
     /// first real call neither connects nor makes the extra round trip that discovers the
     /// challenge. Fetches no token.
     pub async fn keep_warm(&self, backend: &Backend) {
+        // The probes' own kept connection too (its answer, 200 or 401, does not matter).
+        let _ = self.heads.head(backend, "/v2/", None, &[]).await;
         let call = Call::new(Method::GET, "/v2/".into(), None);
         let Ok(mut response) = self.send_once(backend, &call, None).await else {
             return;

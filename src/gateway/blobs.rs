@@ -19,10 +19,11 @@ use super::knowledge::Detected;
 use super::manifests::DIGEST_HEADER;
 use super::{Gateway, Scope, BACKEND_HEADER};
 use crate::api_error::ApiError;
+use crate::head_client::Answer as Probed;
 use crate::model::{BackendIdx, Delivery, Holding};
 use crate::oci::{Digest, RepoName};
 use crate::topology::{Backend, Credentials, Org};
-use crate::upstream::{header_str, Call, Response, Upstream};
+use crate::upstream::{header_str, Call, Response, Upstream, UpstreamError};
 
 /// What a blob request brings besides its route: the same whether actix-web's `App` or the
 /// front door (`crate::front`) read it.
@@ -211,11 +212,7 @@ async fn probe(
     digest: &Digest,
     backends: &[BackendIdx],
 ) -> Vec<BackendIdx> {
-    type Answer = (
-        usize,
-        BackendIdx,
-        Result<Response, crate::upstream::UpstreamError>,
-    );
+    type Answer = (usize, BackendIdx, Result<Probed, UpstreamError>);
     let gw = s.gw;
     // Owned handles, so that a probe can outlive this request.
     let (gw_data, up) = (req.gw.clone(), req.up.clone());
@@ -229,7 +226,10 @@ async fn probe(
                 let (gw, up, org) = (gw_data.clone(), up.clone(), s.org.clone());
                 let (name, digest) = (name.clone(), digest.clone());
                 async move {
-                    let answer = head_on(&gw, &up, &org, b, &name, &digest).await;
+                    let repo = org.backend_repo(b, &name);
+                    let path = format!("/v2/{repo}/blobs/{digest}");
+                    let backend = gw.topology.backend(b);
+                    let answer = gw.probe(&up, backend, &path, &repo).await;
                     (rank, b, answer)
                 }
                 .boxed_local()
@@ -268,20 +268,20 @@ async fn learn_probe(
     name: &RepoName,
     digest: &Digest,
     b: BackendIdx,
-    answer: &Result<Response, crate::upstream::UpstreamError>,
+    answer: &Result<Probed, UpstreamError>,
 ) -> Holding {
     let holding = match answer {
-        Ok(r) if r.status().is_success() || r.status().is_redirection() => {
-            if r.status().is_success() {
-                if let Some(size) = content_length(r) {
+        Ok(r) if r.status.is_success() || r.status.is_redirection() => {
+            if r.status.is_success() {
+                if let Some(size) = r.content_length {
                     gw.knowledge.learn_size(digest, size);
                 }
             }
             Holding::Has
         }
-        Ok(r) if r.status() == StatusCode::NOT_FOUND => Holding::Lacks,
+        Ok(r) if r.status == StatusCode::NOT_FOUND => Holding::Lacks,
         Ok(r) => {
-            tracing::warn!(backend = gw.backend_id(b), status = %r.status(), "blob probe failed");
+            tracing::warn!(backend = gw.backend_id(b), status = %r.status, "blob probe failed");
             Holding::Unknown
         }
         Err(e) => {
@@ -293,7 +293,8 @@ async fn learn_probe(
     holding
 }
 
-/// A HEAD of the blob on backend `b`, with the gateway's credentials.
+/// A HEAD of the blob on backend `b`, with the gateway's credentials, through awc (its
+/// `Location` is read when the size is behind a redirect).
 async fn head_on(
     gw: &Gateway,
     up: &Upstream,

@@ -278,6 +278,29 @@ impl Gateway {
         }
         result
     }
+
+    /// A blob probe (`Upstream::probe`), noting whether the backend could be reached.
+    async fn probe(
+        &self,
+        up: &Upstream,
+        backend: &crate::topology::Backend,
+        path: &str,
+        repo: &str,
+    ) -> Result<crate::head_client::Answer, UpstreamError> {
+        let result = up.probe(backend, path, repo).await;
+        match &result {
+            Err(UpstreamError::Unreachable { .. }) => {
+                tracing::warn!(
+                    backend = &*backend.id,
+                    "backend unreachable; passing it over for a while"
+                );
+                self.knowledge.mark_unreachable(backend.idx);
+            }
+            Ok(a) if !a.status.is_server_error() => self.knowledge.mark_reachable(backend.idx),
+            _ => {}
+        }
+        result
+    }
 }
 
 impl Gateway {

@@ -259,3 +259,47 @@ async fn probes_that_lose_the_race_keep_their_connections() {
         blobs.len() - 1
     );
 }
+
+/// Blob probes go out on connections each worker keeps (`head_client`). A backend that
+/// closed them (here a restart, as after its idle timeout) costs a probe one retry on a
+/// fresh connection, not an error: the next cold blobs are answered by that backend, its
+/// log shows each probe, and it is not passed over as unreachable.
+#[actix_web::test]
+async fn a_probe_on_a_connection_the_backend_closed_is_sent_again() {
+    let mut hub = Registry::start(Shape::Anonymous, None);
+    let work = tempfile::tempdir().unwrap();
+    let image = images::multiarch(&work.path().join("image"), "closed", "1.0", 2, 256);
+    hub.push(&image, "acme/app", "1.0");
+    let app = spawn_app(&Config::new().backend("hub", &hub, "direct").org(
+        "acme",
+        &["hub"],
+        "30s",
+        &[],
+    ))
+    .await;
+    let layers = &image.platform("amd64").layers;
+    let first = app
+        .get(&format!("/v2/acme/app/blobs/{}", layers[0].digest))
+        .await;
+    assert_eq!((first.status, first.backend()), (307, "hub"));
+    // Every kept connection (both workers', from keep-warm and the first probe) is closed.
+    hub.restart();
+    for layer in [&layers[1], &image.platform("arm64").layers[0]] {
+        let answer = app
+            .get(&format!("/v2/acme/app/blobs/{}", layer.digest))
+            .await;
+        assert_eq!(
+            (answer.status, answer.backend()),
+            (307, "hub"),
+            "{}: {}",
+            layer.digest,
+            String::from_utf8_lossy(&answer.body)
+        );
+        let probes = hub.requests_naming(&layer.digest);
+        assert!(
+            probes.iter().any(|line| line.contains("HEAD")),
+            "the hub's log shows no probe of {}: {probes:?}",
+            layer.digest
+        );
+    }
+}
