@@ -48,14 +48,18 @@ pub(crate) async fn serve(
     let org = &*s.org;
     // Read before deciding: a decision made while something changed is not reused.
     let epoch = gw.knowledge.epoch();
+    let learned = gw.knowledge.learned();
     let mut plan = s.digest_plan(name, digest).await;
     let mut probed: Vec<BackendIdx> = Vec::new();
     if !plan.probe_first.is_empty() {
         // The same blob asked at once by many clients is probed once. Whether this request
         // waited for another's probe or just missed one that ended after its plan was made,
-        // what was learned is in the new plan; it probes only what is still unknown.
+        // what was learned is in a new plan; it probes only what is still unknown. (When
+        // this node learned nothing at all since and nothing else changed, the plan stands.)
         let lead = gw.flights.join(format!("probe {name}@{digest}")).await;
-        plan = s.digest_plan(name, digest).await;
+        if gw.knowledge.learned() != learned || gw.knowledge.epoch() != epoch {
+            plan = s.digest_plan(name, digest).await;
+        }
         if lead.is_some() && !plan.probe_first.is_empty() {
             s.spend_cold()?;
             probed = probe(s, req, name, digest, &plan.probe_first).await;

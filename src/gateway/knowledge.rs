@@ -256,6 +256,9 @@ pub struct Knowledge {
     redirects: Cache<Box<str>, Arc<Redirect>, foldhash::fast::RandomState>,
     /// Shared with the cluster snapshot: any change that could alter a decision bumps it.
     epoch: Arc<AtomicU64>,
+    /// Holder facts this node has recorded (`learned`): a plan made before it last moved
+    /// may miss one, a plan made since has every fact there is locally.
+    learned: AtomicU64,
     /// Until when (Unix ms) the store is left alone after failing.
     store_quiet_until: Arc<AtomicU64>,
     /// Facts on their way to the store (bounded), and how many were dropped.
@@ -325,6 +328,7 @@ impl Knowledge {
                 .time_to_live(REDIRECT_REUSE)
                 .build_with_hasher(foldhash::fast::RandomState::default()),
             epoch,
+            learned: AtomicU64::new(0),
             failure_backoff: settings.failure_backoff,
             ids,
         }
@@ -414,13 +418,31 @@ impl Knowledge {
         backend: BackendIdx,
         holding: Holding,
     ) {
-        let ttl = self.ttl_for(holding);
         let key = (name.clone(), digest.clone(), backend);
-        let changed = self.holders.get(&key).map(|(h, _)| h) != Some(holding);
+        let known = self.holders.get(&key).map(|(h, _)| h);
+        self.remember_known(key, known, holding);
+    }
+
+    /// Records `holding` for `key`, whose local fact was `known`.
+    fn remember_known(
+        &self,
+        key: (RepoName, Digest, BackendIdx),
+        known: Option<Holding>,
+        holding: Holding,
+    ) {
+        let ttl = self.ttl_for(holding);
+        let path = (known != Some(holding)).then(|| blob_path(&key.0, &key.1));
         self.holders.insert(key, holding, Instant::now() + ttl);
-        if changed {
-            self.redirects.invalidate(blob_path(name, digest).as_str());
+        self.learned.fetch_add(1, Ordering::Release);
+        // A redirect decided from another fact is not reused.
+        if let Some(path) = path {
+            self.redirects.invalidate(path.as_str());
         }
+    }
+
+    /// How many holder facts this node has recorded so far (see the field).
+    pub fn learned(&self) -> u64 {
+        self.learned.load(Ordering::Acquire)
     }
 
     fn ttl_for(&self, holding: Holding) -> Duration {
@@ -442,13 +464,15 @@ impl Knowledge {
             return;
         }
         let now = Instant::now();
+        let key = (name.clone(), digest.clone(), backend);
+        let local = self.holders.get(&key);
         // Skip the store write when the local fact is already known and fresh.
-        if let Some((known, until)) = self.holders.get(&(name.clone(), digest.clone(), backend)) {
+        if let Some((known, until)) = local {
             if known == holding && until > now + self.ttl_for(holding) / 2 {
                 return;
             }
         }
-        self.remember_locally(name, digest, backend, holding);
+        self.remember_known(key, local.map(|(h, _)| h), holding);
         let (store, name, digest, id, ttl) = (
             self.store.clone(),
             name.clone(),
