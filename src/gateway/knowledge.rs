@@ -77,8 +77,8 @@ type HolderKey = (RepoName, Digest, BackendIdx);
 /// and facts that it lacks one. Requests for invented repository names only ever learn
 /// "lacks", so they churn the small second cache and never push out what serves pulls.
 struct Holders {
-    has: Cache<HolderKey, Instant>,
-    lacks: Cache<HolderKey, Instant>,
+    has: Cache<HolderKey, Instant, foldhash::fast::RandomState>,
+    lacks: Cache<HolderKey, Instant, foldhash::fast::RandomState>,
 }
 
 /// What one cache entry costs besides the bytes of its strings: the key and value structs,
@@ -105,16 +105,17 @@ fn holder_weight(k: &HolderKey, _: &Instant) -> u32 {
 impl Holders {
     fn new(settings: &CacheSettings) -> Holders {
         Holders {
+            // A fast hasher, as for `redirects`: every cold blob looks up and records here.
             has: Cache::builder()
                 .max_capacity(settings.holder_bytes)
                 .weigher(holder_weight)
                 .time_to_live(settings.holder_ttl)
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             lacks: Cache::builder()
                 .max_capacity(settings.lacks_bytes)
                 .weigher(holder_weight)
                 .time_to_live(settings.lacks_ttl)
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
         }
     }
 

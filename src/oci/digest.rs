@@ -31,11 +31,11 @@ impl Algorithm {
 }
 
 /// A validated digest. The string form is kept so that formatting it costs nothing on the
-/// request path.
+/// request path, and shared, so that a clone (a cache key) costs no allocation.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
     algorithm: Algorithm,
-    text: Box<str>,
+    text: std::sync::Arc<str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

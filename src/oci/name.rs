@@ -10,8 +10,9 @@ pub const MAX_NAME_LEN: usize = 255;
 /// Longest tag the spec allows.
 pub const MAX_TAG_LEN: usize = 128;
 
+/// Shared text: a clone (a cache key) costs no allocation.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct RepoName(Box<str>);
+pub struct RepoName(std::sync::Arc<str>);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
