@@ -10,7 +10,9 @@
 //! Prints p50/p99 of each and the difference; asserts nothing about time.
 //! Run: `cargo bench --bench cold`. Knobs: COLD_LAYERS (100), COLD_BACKENDS (2; 1 leaves
 //! the mirror out of the org), COLD_PAUSE (seconds to wait before and after the regatta
-//! pass, to attach a profiler to the node whose pid is printed).
+//! pass, to attach a profiler to the node whose pid is printed), COLD_CALLGRIND=1 (the node
+//! under valgrind's callgrind: prints the instructions per cold request, all threads, as a
+//! count that the machine's noise does not move; its times are callgrind's).
 
 #![allow(dead_code)]
 
@@ -31,7 +33,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use registry::{Registry, Shape};
-use support::{env_or, start_node_logging};
+use support::{env_or, start_node_under};
 
 /// One HTTP/1.1 keep-alive connection; `ask` sends a request without a body and reads the
 /// answer's head (every answer measured here has an empty body).
@@ -113,6 +115,34 @@ fn start_floor(backend: u16) -> (u16, std::path::PathBuf) {
         });
     });
     (port, told.recv().unwrap())
+}
+
+/// Runs `callgrind_control <action> <pid>` (`-z` zeroes the counts, `-d` dumps them).
+fn callgrind_control(action: &str, pid: u32) {
+    let status = std::process::Command::new("callgrind_control")
+        .args([action, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("callgrind_control runs");
+    assert!(status.success(), "callgrind_control {action} {pid} failed");
+}
+
+/// The instructions a callgrind dump counted (its `totals:` line), waiting for the dump.
+fn callgrind_total(file: &std::path::Path) -> u64 {
+    let mut total = None;
+    crate::procs::wait_until(
+        &format!("callgrind's dump {}", file.display()),
+        Duration::from_secs(30),
+        || {
+            total = std::fs::read_to_string(file).ok().and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("totals:"))
+                    .and_then(|n| n.trim().parse().ok())
+            });
+            total.is_some()
+        },
+    );
+    total.unwrap_or(0)
 }
 
 /// CPU time (user and kernel) from a `schedstat` file; zero where it cannot be read.
@@ -222,8 +252,24 @@ fn main() {
     hub.push(&image, "acme/app", "1.0");
     // COLD_BACKENDS=1: the hub alone (one probe per blob instead of two).
     let both = env_or("COLD_BACKENDS", 2) > 1;
+    // COLD_CALLGRIND=1: the node runs under callgrind, which counts the instructions of the
+    // regatta pass (all its threads); times in that run are callgrind's, not the node's.
+    let callgrind = env_or("COLD_CALLGRIND", 0) == 1;
+    let wrapper: Vec<String> = if callgrind {
+        crate::procs::require("valgrind");
+        crate::procs::require("callgrind_control");
+        let out = dir.join("callgrind.%p");
+        ["valgrind", "--tool=callgrind", "--dump-instr=no"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([format!("--callgrind-out-file={}", out.display())])
+            .collect()
+    } else {
+        Vec::new()
+    };
     let node =
-        start_node_logging(
+        start_node_under(
+            &wrapper,
             dir,
             "regatta",
             "",
@@ -270,6 +316,9 @@ fn main() {
     let (regatta_half, floor_half) = measured.split_at(measured.len() / 2);
     let mut through_paths = Vec::new();
     let pid = node.proc.pid().unwrap();
+    if callgrind {
+        callgrind_control("-z", pid);
+    }
     let cpu_before = cpu_time(pid);
     let (through, straight) = interleaved(regatta_half, &mut direct, |path| {
         let (status, took) = gateway.ask("GET", path);
@@ -278,6 +327,10 @@ fn main() {
         took
     });
     let node_cpu = cpu_time(pid).saturating_sub(cpu_before);
+    let instructions = callgrind.then(|| {
+        callgrind_control("-d", pid);
+        callgrind_total(&dir.join(format!("callgrind.{pid}.1")))
+    });
     if pause > 0 {
         eprintln!("regatta pass measured; going on in {pause} s");
         std::thread::sleep(Duration::from_secs(pause));
@@ -306,6 +359,13 @@ fn main() {
         ("bare forwarder - direct", f50 - d50, f99 - d99),
     ] {
         println!("{name:<34} {p50:>10.3} {p99:>10.3}");
+    }
+    if let Some(total) = instructions {
+        println!(
+            "{:<34} {:>10.0}   (callgrind: the times above are not the node's)",
+            "node instructions per cold request",
+            total as f64 / through.len() as f64
+        );
     }
     for (name, cpu, n) in [
         ("node CPU per cold request, ms", node_cpu, through.len()),

@@ -17,10 +17,23 @@ pub fn start_node(dir: &Path, name: &str, extra: &str) -> NodeProcess {
 /// The same with `access_log` as its `[access_log]` section (its default configuration when
 /// empty: JSON lines on stderr, which the node's log file collects).
 pub fn start_node_logging(dir: &Path, name: &str, access_log: &str, extra: &str) -> NodeProcess {
+    start_node_under(&[], dir, name, access_log, extra)
+}
+
+/// The same run by `wrapper` (a profiler's command line).
+pub fn start_node_under(
+    wrapper: &[String],
+    dir: &Path,
+    name: &str,
+    access_log: &str,
+    extra: &str,
+) -> NodeProcess {
     let workers = std::env::var("LOAD_WORKERS")
         .map(|w| format!("workers = {w}\n"))
         .unwrap_or_default();
-    NodeProcess::start(
+    NodeProcess::start_under(
+        wrapper,
+        crate::procs::free_port(),
         dir,
         name,
         &format!(

@@ -577,6 +577,19 @@ impl NodeProcess {
         sections: &str,
         env: &[(&str, &str)],
     ) -> NodeProcess {
+        NodeProcess::start_under(&[], port, dir, name, sections, env)
+    }
+
+    /// The same run by `wrapper` (a profiler's command line, the node's after it; none:
+    /// the node itself).
+    pub fn start_under(
+        wrapper: &[String],
+        port: u16,
+        dir: &std::path::Path,
+        name: &str,
+        sections: &str,
+        env: &[(&str, &str)],
+    ) -> NodeProcess {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
@@ -584,7 +597,15 @@ impl NodeProcess {
         )
         .unwrap();
         let log = dir.join(format!("{name}.log"));
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_regatta"));
+        let node = env!("CARGO_BIN_EXE_regatta");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = std::process::Command::new(program);
+                cmd.args(args).arg(node);
+                cmd
+            }
+            None => std::process::Command::new(node),
+        };
         cmd.arg("serve")
             .arg("--config")
             .arg(&config)
