@@ -4,7 +4,7 @@
 //! each over its own keep-alive connection, so that both sides pay the same backend work.
 //!
 //! Two backends: `hub` holds every blob, `mirror` (another registry, empty) is probed in
-//! parallel and answers 404. Fresh digests: 2 platforms x `COLD_LAYERS` layers, each asked
+//! parallel and answers 404 (the bare forwarder, the floor, asks both too). Fresh digests: 2 platforms x `COLD_LAYERS` layers, each asked
 //! once. The node runs its default configuration (access log on).
 //!
 //! Prints p50/p99 of each and the difference; asserts nothing about time.
@@ -86,11 +86,13 @@ impl Connection {
 
 /// The floor a gateway can reach on this machine: a bare forwarder (tokio, no HTTP library,
 /// no configuration, no logs, no cache) that answers each `GET` by sending a `HEAD` of the same
-/// path to `backend` over its own kept connection and answering 307 (or 404) from the status.
-/// It does what regatta's cold path must do and nothing else; the difference between the two
-/// is what regatta's own code costs.
+/// path to every one of `backends` at once, each over its own kept connection, and answering
+/// 307 (or 404) from the first one's status; the others' answers are read after that, before
+/// the next request (as regatta lets a probe that lost the race finish). It does what
+/// regatta's cold path must do and nothing else; the difference between the two is what
+/// regatta's own code costs.
 /// Returns its port and its thread's `schedstat` file (its CPU time).
-fn start_floor(backend: u16) -> (u16, std::path::PathBuf) {
+fn start_floor(backends: Vec<u16>) -> (u16, std::path::PathBuf) {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
     let port = listener.local_addr().unwrap().port();
     listener.set_nonblocking(true).unwrap();
@@ -110,7 +112,7 @@ fn start_floor(backend: u16) -> (u16, std::path::PathBuf) {
                 let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
-                tokio::spawn(forward(client, backend));
+                tokio::spawn(forward(client, backends.clone()));
             }
         });
     });
@@ -169,28 +171,35 @@ async fn read_head(io: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<
     }
 }
 
-async fn forward(mut client: tokio::net::TcpStream, backend: u16) {
+async fn forward(mut client: tokio::net::TcpStream, backends: Vec<u16>) {
     use tokio::io::AsyncWriteExt;
     client.set_nodelay(true).unwrap();
-    let mut upstream = tokio::net::TcpStream::connect(("127.0.0.1", backend))
-        .await
-        .unwrap();
-    upstream.set_nodelay(true).unwrap();
-    let (mut asked, mut answered) = (Vec::new(), Vec::new());
+    let mut upstreams = Vec::new();
+    for &port in &backends {
+        let upstream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        upstream.set_nodelay(true).unwrap();
+        upstreams.push((port, upstream, Vec::new()));
+    }
+    let mut asked = Vec::new();
     while let Some(end) = read_head(&mut client, &mut asked).await {
         let head = String::from_utf8_lossy(&asked[..end]).into_owned();
         asked.drain(..end);
         let path = head.split(' ').nth(1).unwrap_or("/").to_string();
-        let probe = format!("HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1:{backend}\r\n\r\n");
-        upstream.write_all(probe.as_bytes()).await.unwrap();
-        let Some(end) = read_head(&mut upstream, &mut answered).await else {
+        for (port, upstream, _) in &mut upstreams {
+            let probe = format!("HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+            upstream.write_all(probe.as_bytes()).await.unwrap();
+        }
+        let (first, upstream, answered) = &mut upstreams[0];
+        let Some(end) = read_head(upstream, answered).await else {
             return;
         };
         let found = answered.starts_with(b"HTTP/1.1 200");
         answered.drain(..end);
         let answer = if found {
             format!(
-                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{backend}{path}\r\n\
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{first}{path}\r\n\
                  Content-Length: 0\r\n\r\n"
             )
         } else {
@@ -198,6 +207,12 @@ async fn forward(mut client: tokio::net::TcpStream, backend: u16) {
         };
         if client.write_all(answer.as_bytes()).await.is_err() {
             return;
+        }
+        for (_, upstream, answered) in &mut upstreams[1..] {
+            let Some(end) = read_head(upstream, answered).await else {
+                return;
+            };
+            answered.drain(..end);
         }
     }
 }
@@ -291,7 +306,14 @@ fn main() {
     blobs.dedup();
     let mut gateway = Connection::open(node.port);
     let mut direct = Connection::open(hub_port);
-    let (floor_port, floor_cpu_file) = start_floor(hub_port);
+    // The forwarder asks what the node's org has: the hub, and the mirror when both.
+    let mirror_port: u16 = mirror.url().rsplit(':').next().unwrap().parse().unwrap();
+    let floor_backends = if both {
+        vec![hub_port, mirror_port]
+    } else {
+        vec![hub_port]
+    };
+    let (floor_port, floor_cpu_file) = start_floor(floor_backends);
     let mut floor = Connection::open(floor_port);
     // Untimed: both connections and the node's own connections to the backends open.
     let (warm_up, measured) = blobs.split_at(8.min(blobs.len() / 4));

@@ -265,17 +265,7 @@ impl Gateway {
         call: &crate::upstream::Call<'_>,
     ) -> Result<crate::upstream::Response, UpstreamError> {
         let result = up.send(backend, call).await;
-        match &result {
-            Err(UpstreamError::Unreachable { .. }) => {
-                tracing::warn!(
-                    backend = &*backend.id,
-                    "backend unreachable; passing it over for a while"
-                );
-                self.knowledge.mark_unreachable(backend.idx);
-            }
-            Ok(r) if !r.status().is_server_error() => self.knowledge.mark_reachable(backend.idx),
-            _ => {}
-        }
+        self.note_reach(backend, result.as_ref().map(|r| r.status()));
         result
     }
 
@@ -288,7 +278,18 @@ impl Gateway {
         repo: &str,
     ) -> Result<crate::head_client::Answer, UpstreamError> {
         let result = up.probe(backend, path, repo).await;
-        match &result {
+        self.note_reach(backend, result.as_ref().map(|a| a.status));
+        result
+    }
+
+    /// Notes what a call to `backend` showed of its reachability: unreachable (passed over
+    /// for `failure_backoff`), or reachable when it answered anything but a server error.
+    fn note_reach(
+        &self,
+        backend: &crate::topology::Backend,
+        answer: Result<actix_web::http::StatusCode, &UpstreamError>,
+    ) {
+        match answer {
             Err(UpstreamError::Unreachable { .. }) => {
                 tracing::warn!(
                     backend = &*backend.id,
@@ -296,10 +297,9 @@ impl Gateway {
                 );
                 self.knowledge.mark_unreachable(backend.idx);
             }
-            Ok(a) if !a.status.is_server_error() => self.knowledge.mark_reachable(backend.idx),
+            Ok(status) if !status.is_server_error() => self.knowledge.mark_reachable(backend.idx),
             _ => {}
         }
-        result
     }
 }
 
