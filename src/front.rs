@@ -204,7 +204,9 @@ async fn front(
                     }
                     out.clear();
                     head_since = None;
-                    idle_since = Instant::now();
+                    // Requests pipelined behind it start now, as does the idle time.
+                    woke = Instant::now();
+                    idle_since = woke;
                 }
                 Next::Partial => break,
                 Next::Other => {
@@ -587,23 +589,30 @@ async fn write_response(io: &mut TcpStream, response: HttpResponse, out: &mut Ve
     }
     out.extend_from_slice(b"date: ");
     write_date(out, SystemTime::now());
+    // A stream of known length (a blob proxied with the backend's `Content-Length`, which
+    // actix-http would send too) goes out raw with that length; one of unknown length is
+    // chunked.
+    let declared = (!response.head().chunked())
+        .then(|| header_u64(headers, header::CONTENT_LENGTH))
+        .flatten();
     let body = response.into_body();
-    let chunked = match body.size() {
-        BodySize::None => {
+    let length = match (body.size(), declared) {
+        (BodySize::None, _) => {
             out.extend_from_slice(b"\r\n\r\n");
-            false
+            None
         }
-        BodySize::Sized(len) => {
+        (BodySize::Sized(len), _) | (BodySize::Stream, Some(len)) => {
             out.extend_from_slice(b"\r\ncontent-length: ");
             out.extend_from_slice(len.to_string().as_bytes());
             out.extend_from_slice(b"\r\n\r\n");
-            false
+            Some(len)
         }
-        BodySize::Stream => {
+        (BodySize::Stream, None) => {
             out.extend_from_slice(b"\r\ntransfer-encoding: chunked\r\n\r\n");
-            true
+            None
         }
     };
+    let chunked = length.is_none() && matches!(body.size(), BodySize::Stream);
     // A body in one piece (an error's JSON, an empty redirect) goes out with its head.
     let mut body = match body.try_into_bytes() {
         Ok(bytes) => {
@@ -615,6 +624,7 @@ async fn write_response(io: &mut TcpStream, response: HttpResponse, out: &mut Ve
     if io.write_all(out).await.is_err() {
         return false;
     }
+    let mut sent: u64 = 0;
     loop {
         let chunk = std::future::poll_fn(|cx| Pin::new(&mut body).poll_next(cx)).await;
         let bytes = match chunk {
@@ -625,6 +635,11 @@ async fn write_response(io: &mut TcpStream, response: HttpResponse, out: &mut Ve
         };
         if bytes.is_empty() {
             continue;
+        }
+        sent += bytes.len() as u64;
+        if length.is_some_and(|len| sent > len) {
+            // More than the length said: the connection cannot go on in step.
+            return false;
         }
         let written = if chunked {
             // One write per chunk: its size line, the bytes and the line end.
@@ -640,7 +655,19 @@ async fn write_response(io: &mut TcpStream, response: HttpResponse, out: &mut Ve
             return false;
         }
     }
-    !chunked || io.write_all(b"0\r\n\r\n").await.is_ok()
+    match length {
+        // Fewer bytes than the length said: close, so the client sees a short body.
+        Some(len) => sent == len,
+        None => !chunked || io.write_all(b"0\r\n\r\n").await.is_ok(),
+    }
+}
+
+/// A header's value as a number.
+fn header_u64(
+    headers: &actix_web::http::header::HeaderMap,
+    name: actix_web::http::header::HeaderName,
+) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }
 
 /// The client's `X-Request-Id` when it is a sane token, else a fresh one.

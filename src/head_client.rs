@@ -8,10 +8,11 @@
 //! one buffer written and one head parsed with httparse. HTTP/1.1 only (ALPN says so on
 //! TLS), one request per connection at a time, no body (a `HEAD` answer has none).
 //!
-//! Idle connections are kept per backend, at most `MAX_IDLE`, for at most `KEEP_IDLE`; a
-//! kept connection the backend closed meanwhile costs one retry on a fresh connection (the
-//! request is a `HEAD`: safe to send twice). Every exchange is bounded by the upstream
-//! request timeout, every connect by the connect timeout.
+//! Idle connections are kept per backend, at most `MAX_IDLE`, for at most `KEEP_IDLE`. One
+//! with anything to read when taken (an answer nobody asked for, or the backend's close) is
+//! dropped; one that fails before any answer comes costs one retry on a fresh connection
+//! (the request is a `HEAD`: safe to send twice). Every exchange is bounded by the upstream
+//! request timeout, every connect and TLS handshake by the connect timeout.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -44,8 +45,33 @@ pub struct Answer {
     pub challenge: Option<String>,
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Unpin> Io for T {}
+/// A kept connection: plain TCP or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Unpin {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Io for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Io for tokio_rustls::client::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+/// Whether nothing waits to be read on an idle connection: no bytes (an answer nobody
+/// asked for, as a server's 408 before it closes) and no close. Asks the socket itself
+/// (`MSG_PEEK`, non-blocking): the runtime's readiness may not have seen them yet.
+fn quiet(io: &dyn Io) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(
+        socket2::SockRef::from(io.tcp()).peek(&mut byte),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+    )
+}
 
 struct Kept {
     io: Box<dyn Io>,
@@ -168,12 +194,14 @@ impl HeadClient {
         Ok(target)
     }
 
-    /// The most recently used idle connection still young enough.
+    /// The most recently used idle connection still young enough and quiet: one that has
+    /// something to read (an answer nobody asked for, as a server's 408 before it closes)
+    /// or was closed is dropped.
     fn take(&self, idx: BackendIdx) -> Option<Box<dyn Io>> {
         let mut idle = self.idle.borrow_mut();
         let kept = idle.get_mut(&idx)?;
         while let Some(k) = kept.pop() {
-            if k.since.elapsed() < KEEP_IDLE {
+            if k.since.elapsed() < KEEP_IDLE && quiet(&*k.io) {
                 return Some(k.io);
             }
         }
@@ -270,8 +298,12 @@ async fn exchange(io: &mut Box<dyn Io>, request: &[u8]) -> Result<(Answer, bool)
         reason,
         silent: true,
     };
-    io.write_all(request)
-        .await
+    // (A TLS stream may hold written bytes back until flushed.)
+    let sent = async {
+        io.write_all(request).await?;
+        io.flush().await
+    };
+    sent.await
         .map_err(|e| silent(format!("sending the request failed: {e}")))?;
     let mut got: Vec<u8> = Vec::with_capacity(1024);
     loop {
@@ -322,7 +354,8 @@ fn parse(got: &[u8]) -> Result<Option<(Answer, bool)>, Failed> {
                 .and_then(|v| v.trim().parse().ok());
         } else if h.name.eq_ignore_ascii_case("connection") {
             keep &= !h.value.eq_ignore_ascii_case(b"close");
-        } else if h.name.eq_ignore_ascii_case("www-authenticate") {
+        } else if h.name.eq_ignore_ascii_case("www-authenticate") && answer.challenge.is_none() {
+            // The first challenge, as `Upstream::send` reads it.
             answer.challenge = std::str::from_utf8(h.value).ok().map(str::to_owned);
         }
     }
@@ -332,6 +365,114 @@ fn parse(got: &[u8]) -> Result<Option<(Answer, bool)>, Failed> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn backend_at(port: u16) -> Backend {
+        Backend {
+            idx: 0,
+            id: "b".into(),
+            base: format!("http://127.0.0.1:{port}"),
+            region: "eu".into(),
+            delivery: crate::model::Delivery::Direct,
+            credentials: crate::topology::Credentials::Anonymous,
+            weight: 1,
+            canary: None,
+            token_realm_hosts: Vec::new(),
+            tls: None,
+        }
+    }
+
+    /// Reads one request head from `io`.
+    async fn read_request(io: &mut TcpStream) -> String {
+        let mut got = Vec::new();
+        while !got.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            if io.read(&mut byte).await.unwrap_or(0) == 0 {
+                break;
+            }
+            got.push(byte[0]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    /// A kept connection is used again; one on which the server wrote an answer nobody
+    /// asked for (a 408 before closing) is dropped rather than read as the next answer, and
+    /// so is one the server closed: the next request goes out on a fresh connection.
+    #[tokio::test]
+    async fn kept_connections_are_reused_only_while_quiet() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Loopback delivers what the server writes (no Nagle: `TCP_NODELAY`), and its close,
+        // before `write` returns: once told, the client's socket holds them.
+        let (told_408, heard_408) = tokio::sync::oneshot::channel();
+        let (kept, heard_kept) = tokio::sync::oneshot::channel();
+        let (told_closed, heard_closed) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(async move {
+            // First connection: two answers, then an unsolicited 408 (kept open: a client
+            // that read on would take it for the next answer).
+            let (mut first, _) = listener.accept().await.unwrap();
+            first.set_nodelay(true).unwrap();
+            let io = &mut first;
+            for status in ["200 OK", "404 Not Found"] {
+                let asked = read_request(io).await;
+                assert!(asked.starts_with("HEAD /v2/"), "{asked}");
+                let answer = format!("HTTP/1.1 {status}\r\ncontent-length: 7\r\n\r\n");
+                io.write_all(answer.as_bytes()).await.unwrap();
+            }
+            // Once the client has read the second answer and kept the connection.
+            heard_kept.await.unwrap();
+            io.write_all(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+                .await
+                .unwrap();
+            told_408.send(()).unwrap();
+            // Second connection: one answer, then closed while kept.
+            let (mut io, _) = listener.accept().await.unwrap();
+            io.set_nodelay(true).unwrap();
+            read_request(&mut io).await;
+            io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n")
+                .await
+                .unwrap();
+            drop(io);
+            told_closed.send(()).unwrap();
+            // Third connection.
+            let (mut io, _) = listener.accept().await.unwrap();
+            read_request(&mut io).await;
+            io.write_all(b"HTTP/1.1 404 Not Found\r\n\r\n")
+                .await
+                .unwrap();
+            read_request(&mut io).await;
+            drop(first);
+        });
+        let client = HeadClient::new(&UpstreamSettings::default());
+        let backend = backend_at(port);
+        let ask = |path: &'static str| {
+            let (client, backend) = (&client, &backend);
+            async move { client.head(backend, path, None, &[]).await.unwrap() }
+        };
+        let first = ask("/v2/a").await;
+        assert_eq!(
+            (first.status, first.content_length),
+            (StatusCode::OK, Some(7))
+        );
+        let second = ask("/v2/b").await;
+        assert_eq!(second.status, StatusCode::NOT_FOUND, "the kept connection");
+        kept.send(()).unwrap();
+        heard_408.await.unwrap();
+        let third = ask("/v2/c").await;
+        assert_eq!(
+            (third.status, third.content_length),
+            (StatusCode::OK, Some(9)),
+            "a fresh connection, not the 408"
+        );
+        heard_closed.await.unwrap();
+        let fourth = ask("/v2/d").await;
+        assert_eq!(
+            fourth.status,
+            StatusCode::NOT_FOUND,
+            "a fresh connection's answer"
+        );
+        drop(client);
+        server.abort();
+    }
 
     #[test]
     fn answer_heads_are_read_and_judged_for_keeping() {
@@ -346,6 +487,13 @@ mod tests {
             b"HTTP/1.1 401 Unauthorized\r\nWww-Authenticate: Bearer realm=\"r\"\r\n\r\n";
         let (answer, _) = parse(challenge).unwrap().unwrap();
         assert_eq!(answer.challenge.as_deref(), Some("Bearer realm=\"r\""));
+        let two = b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"r\"\r\nWWW-Authenticate: Basic realm=\"b\"\r\n\r\n";
+        let (answer, _) = parse(two).unwrap().unwrap();
+        assert_eq!(
+            answer.challenge.as_deref(),
+            Some("Bearer realm=\"r\""),
+            "the first challenge, as `send` reads it"
+        );
         for (not_kept, why) in [
             (
                 &b"HTTP/1.1 404 Not Found\r\nConnection: close\r\n\r\n"[..],

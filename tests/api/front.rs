@@ -341,6 +341,10 @@ async fn cold_blobs_of_public_orgs_are_answered_as_the_app_would() {
         answers[1].header("docker-content-digest"),
         Some(streamed.digest.as_str())
     );
+    // The backend's length, as actix-http sends it for a proxied blob (not chunked).
+    let length = streamed.size.to_string();
+    assert_eq!(answers[1].header("content-length"), Some(length.as_str()));
+    assert_eq!(answers[1].header("transfer-encoding"), None);
     assert_eq!(answers[1].body.len() as u64, streamed.size);
     assert_eq!(images::sha256(&answers[1].body), streamed.digest);
 
