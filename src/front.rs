@@ -538,10 +538,9 @@ async fn answer_cold(
         Ok(response) => response,
         Err(e) => actix_web::ResponseError::error_response(&e),
     };
-    response.headers_mut().insert(
-        actix_web::http::header::HeaderName::from_static("x-request-id"),
-        cold.id.header_value(),
-    );
+    response
+        .headers_mut()
+        .insert(crate::startup::REQUEST_ID_HEADER, cold.id.header_value());
     served(
         gw,
         Served {
@@ -596,23 +595,23 @@ async fn write_response(io: &mut TcpStream, response: HttpResponse, out: &mut Ve
         .then(|| header_u64(headers, header::CONTENT_LENGTH))
         .flatten();
     let body = response.into_body();
-    let length = match (body.size(), declared) {
+    // The body's length when it has one, and whether it goes out chunked.
+    let (length, chunked) = match (body.size(), declared) {
         (BodySize::None, _) => {
             out.extend_from_slice(b"\r\n\r\n");
-            None
+            (None, false)
         }
         (BodySize::Sized(len), _) | (BodySize::Stream, Some(len)) => {
             out.extend_from_slice(b"\r\ncontent-length: ");
             out.extend_from_slice(len.to_string().as_bytes());
             out.extend_from_slice(b"\r\n\r\n");
-            Some(len)
+            (Some(len), false)
         }
         (BodySize::Stream, None) => {
             out.extend_from_slice(b"\r\ntransfer-encoding: chunked\r\n\r\n");
-            None
+            (None, true)
         }
     };
-    let chunked = length.is_none() && matches!(body.size(), BodySize::Stream);
     // A body in one piece (an error's JSON, an empty redirect) goes out with its head.
     let mut body = match body.try_into_bytes() {
         Ok(bytes) => {

@@ -262,6 +262,9 @@ impl Target {
             Some(port) => format!("{host}:{port}"),
             None => host.to_owned(),
         };
+        // `host_str` keeps an IPv6 literal's brackets; a socket address and a server name
+        // have none.
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
         let tls = match url.scheme() {
             "http" => None,
             "https" => {
@@ -271,8 +274,6 @@ impl Target {
                 };
                 // This client speaks HTTP/1.1 only.
                 config.alpn_protocols = vec![b"http/1.1".to_vec()];
-                // `host_str` keeps an IPv6 literal's brackets; a server name has none.
-                let bare = host.trim_start_matches('[').trim_end_matches(']');
                 let name = rustls_pki_types::ServerName::try_from(bare.to_owned())
                     .map_err(|e| format!("'{host}' is not a TLS server name: {e}"))?;
                 Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
@@ -280,10 +281,7 @@ impl Target {
             other => return Err(format!("base URL scheme '{other}' is not http or https")),
         };
         Ok(Target {
-            host: host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
+            host: bare.to_owned(),
             port,
             authority,
             prefix: url.path().trim_end_matches('/').to_owned(),
